@@ -1,0 +1,5 @@
+import sys
+
+from pacs_node.cli import main
+
+sys.exit(main())

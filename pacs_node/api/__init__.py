@@ -1,0 +1,1 @@
+"""HTTP: REST API, DICOMweb and dashboard (one router per resource)."""

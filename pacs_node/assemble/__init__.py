@@ -1,0 +1,1 @@
+"""Assemble study -> job: decide when a received study is complete."""

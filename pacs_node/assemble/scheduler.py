@@ -1,0 +1,181 @@
+"""Study assembly: turn quiet (or otherwise complete) studies into jobs.
+
+A study version is complete when
+
+* no instance arrived for ``study.stable_seconds``, or
+* every ``study.required_series`` pattern matches one of its series and no
+  instance arrived for ``study.required_series_quiet_seconds``, or
+* ``study.force_complete_seconds`` passed since the version's first instance
+  (a sender that never stops trickling still gets analysed).
+
+:meth:`StudyAssembler.tick` claims each complete version with one atomic
+``UPDATE ... WHERE job_version < version`` and creates its job in the same
+transaction, so two node processes can never create the same job.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from pacs_node.config import StudySettings
+from pacs_node.db.models import Job, Series, Study, utcnow
+from pacs_node.db.session import Database
+from pacs_node.jobs.states import JobState, record_created
+
+__all__ = ["StudyAssembler"]
+
+logger = logging.getLogger(__name__)
+
+JobCreated = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    study_id: int
+    version: int
+    last_received_at: dt.datetime
+    version_started_at: dt.datetime
+
+
+class StudyAssembler:
+    """The assemble step. Call :meth:`tick` from a loop (:meth:`run`) or a test.
+
+    Parameters
+    ----------
+    db:
+        The node's database.
+    settings:
+        The ``[study]`` settings.
+    on_job_created:
+        Called with each new job id *after* its row is committed (the job
+        issue's enqueue step hooks in here).
+    clock:
+        Returns the current UTC time; tests pass a fake clock.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        settings: StudySettings,
+        *,
+        on_job_created: JobCreated | None = None,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.on_job_created = on_job_created
+        self.clock = clock
+        self._patterns = [re.compile(p, re.IGNORECASE) for p in settings.required_series]
+
+    # -- one step -----------------------------------------------------------------
+    def tick(self) -> list[int]:
+        """Create jobs for every complete study version; return their ids."""
+        now = self.clock()
+        created: list[int] = []
+        for cand in self._candidates():
+            reason = self._completion_reason(cand, now)
+            if reason is None:
+                continue
+            job_id = self._claim(cand, reason)
+            if job_id is not None:
+                created.append(job_id)
+        for job_id in created:
+            if self.on_job_created is not None:
+                try:
+                    self.on_job_created(job_id)
+                except Exception:  # noqa: BLE001 - the job row stays queued; logged
+                    logger.exception("job %d: post-create hook failed", job_id)
+        return created
+
+    def _candidates(self) -> list[_Candidate]:
+        with self.db.sessionmaker() as s:
+            rows = s.execute(
+                select(Study.id, Study.version, Study.last_received_at, Study.version_started_at)
+                .where(Study.job_version < Study.version)
+                .order_by(Study.last_received_at)
+            ).all()
+        return [_Candidate(*row) for row in rows]
+
+    def _completion_reason(self, cand: _Candidate, now: dt.datetime) -> str | None:
+        quiet = (now - cand.last_received_at).total_seconds()
+        if quiet >= self.settings.stable_seconds:
+            return f"study stable for {self.settings.stable_seconds:g} s"
+        if (now - cand.version_started_at).total_seconds() >= self.settings.force_complete_seconds:
+            return f"forced complete after {self.settings.force_complete_seconds:g} s"
+        if self._patterns and quiet >= self.settings.required_series_quiet_seconds:
+            with self.db.sessionmaker() as s:
+                labels = s.execute(
+                    select(Series.series_description, Series.modality).where(Series.study_id == cand.study_id)
+                ).all()
+            texts = [" ".join(x for x in row if x) for row in labels]
+            if all(any(p.search(t) for t in texts) for p in self._patterns):
+                return "required series present"
+        return None
+
+    def _claim(self, cand: _Candidate, reason: str) -> int | None:
+        try:
+            with self.db.session() as s:
+                claimed = s.execute(
+                    update(Study)
+                    .where(
+                        Study.id == cand.study_id,
+                        Study.version == cand.version,
+                        Study.job_version < cand.version,
+                        # Nothing arrived since we looked, unless forced.
+                        Study.last_received_at == cand.last_received_at,
+                    )
+                    .values(job_version=cand.version)
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                if claimed != 1:
+                    return None
+                study = s.get(Study, cand.study_id)
+                assert study is not None
+                n_series = s.execute(
+                    select(func.count(Series.id)).where(Series.study_id == study.id)
+                ).scalar_one()
+                now = utcnow()
+                job = Job(
+                    study_id=study.id,
+                    study_version=cand.version,
+                    state=JobState.QUEUED.value,
+                    reason=reason,
+                    instance_count=study.num_instances,
+                    series_count=n_series,
+                    created_at=now,
+                    updated_at=now,
+                    queued_at=now,
+                    timings={},
+                    findings={},
+                )
+                s.add(job)
+                s.flush()
+                record_created(s, job, f"created: {reason} ({study.num_instances} instances, {n_series} series)")
+                job_id = job.id
+        except IntegrityError:
+            # Another process created this version's job first.
+            logger.info("study %d version %d already has a job", cand.study_id, cand.version)
+            return None
+        logger.info(
+            "job %d created for study %d version %d: %s", job_id, cand.study_id, cand.version, reason
+        )
+        return job_id
+
+    # -- loop ---------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Call :meth:`tick` every ``scheduler_interval_seconds`` until ``stop`` is set."""
+        logger.info("study assembler running (stable after %g s)", self.settings.stable_seconds)
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - keep the loop alive; the database may come back
+                logger.exception("assembler tick failed")
+            stop.wait(self.settings.scheduler_interval_seconds)

@@ -1,0 +1,1 @@
+"""Receive -> persist: DIMSE and DICOMweb ingest share one storage path."""

@@ -1,0 +1,1 @@
+"""Job records and their state machine."""

@@ -1,0 +1,91 @@
+"""Read queries over studies and jobs, shared by the CLI and the REST API."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from pacs_node.db.models import Job, Study
+from pacs_node.jobs.schemas import JobDetail, JobEventOut, JobSummary, SeriesSummary, StudySummary
+
+__all__ = ["get_job", "list_jobs", "list_studies"]
+
+
+def _modalities(study: Study) -> list[str]:
+    return sorted({s.modality for s in study.series if s.modality})
+
+
+def _summary_fields(job: Job) -> dict[str, object]:
+    return dict(
+        id=job.id,
+        state=job.state,
+        study_instance_uid=job.study.study_instance_uid,
+        study_version=job.study_version,
+        modalities=_modalities(job.study),
+        instance_count=job.instance_count,
+        series_count=job.series_count,
+        model_profile=job.model_profile,
+        attempts=job.attempts,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        finished_at=job.finished_at,
+        study_score=job.study_score,
+        error=job.error,
+    )
+
+
+def list_jobs(
+    s: Session, *, state: str | None = None, study_uid: str | None = None, limit: int = 100, offset: int = 0
+) -> list[JobSummary]:
+    """Jobs, newest first, optionally filtered."""
+    q = select(Job).join(Study).options(selectinload(Job.study).selectinload(Study.series))
+    if state:
+        q = q.where(Job.state == state)
+    if study_uid:
+        q = q.where(Study.study_instance_uid == study_uid)
+    q = q.order_by(Job.id.desc()).limit(limit).offset(offset)
+    return [JobSummary(**_summary_fields(j)) for j in s.execute(q).scalars()]  # type: ignore[arg-type]
+
+
+def get_job(s: Session, job_id: int) -> JobDetail | None:
+    job = s.execute(
+        select(Job)
+        .where(Job.id == job_id)
+        .options(selectinload(Job.study).selectinload(Study.series), selectinload(Job.events))
+    ).scalar_one_or_none()
+    if job is None:
+        return None
+    return JobDetail(
+        **_summary_fields(job),  # type: ignore[arg-type]
+        reason=job.reason,
+        worker_host=job.worker_host,
+        queued_at=job.queued_at,
+        started_at=job.started_at,
+        timings=job.timings or {},
+        findings=job.findings or {},
+        events=[JobEventOut.model_validate(e) for e in job.events],
+    )
+
+
+def list_studies(s: Session, *, limit: int = 100) -> list[StudySummary]:
+    q = select(Study).options(selectinload(Study.series)).order_by(Study.id.desc()).limit(limit)
+    out = []
+    for st in s.execute(q).scalars():
+        out.append(
+            StudySummary(
+                id=st.id,
+                study_instance_uid=st.study_instance_uid,
+                accession_number=st.accession_number,
+                study_date=st.study_date,
+                calling_aet=st.calling_aet,
+                num_instances=st.num_instances,
+                version=st.version,
+                job_version=st.job_version,
+                first_received_at=st.first_received_at,
+                last_received_at=st.last_received_at,
+                series=[SeriesSummary.model_validate(x) for x in st.series],
+            )
+        )
+    return out
+
+

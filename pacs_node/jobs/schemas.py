@@ -1,0 +1,75 @@
+"""Response schemas (separate from the table models), shared by CLI and API."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = ["JobDetail", "JobEventOut", "JobSummary", "SeriesSummary", "StudySummary"]
+
+
+class JobEventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    at: dt.datetime
+    from_state: str | None
+    to_state: str
+    message: str | None
+    host: str | None
+
+
+class JobSummary(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    state: str
+    study_instance_uid: str
+    study_version: int
+    modalities: list[str]
+    instance_count: int
+    series_count: int
+    model_profile: str | None
+    attempts: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    finished_at: dt.datetime | None
+    study_score: float | None
+    error: str | None
+
+
+class JobDetail(JobSummary):
+    reason: str | None
+    worker_host: str | None
+    queued_at: dt.datetime | None
+    started_at: dt.datetime | None
+    timings: dict[str, Any]
+    findings: dict[str, Any]
+    events: list[JobEventOut]
+
+
+class SeriesSummary(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    series_instance_uid: str
+    modality: str | None
+    series_number: int | None
+    series_description: str | None
+    num_instances: int
+
+
+class StudySummary(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    study_instance_uid: str
+    accession_number: str | None
+    study_date: str | None
+    calling_aet: str | None
+    num_instances: int
+    version: int
+    job_version: int
+    first_received_at: dt.datetime
+    last_received_at: dt.datetime
+    series: list[SeriesSummary]

@@ -1,0 +1,329 @@
+"""DIMSE ingest against real peers over loopback: pynetdicom SCU and dcmtk."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import JPEGBaseline8Bit, RLELossless, generate_uid
+from pynetdicom import AE
+from sqlalchemy import func, select
+
+from conftest import require_tool
+from dicom_factory import make_instance, make_study, to_bytes, write_files
+from pacs_node.db.models import Instance, Series, Study
+from pacs_node.ingest.dimse import DimseServer
+from pacs_node.ingest.recorder import Status
+from pacs_node.node import Node
+
+NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+@pytest.fixture
+def scp(node: Node) -> Iterator[DimseServer]:
+    server = DimseServer(node.settings.dicom, node.ingestor)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _assoc(scp: DimseServer, contexts: list[tuple[str, str]], calling: str = "TESTSCU", called: str = "PACSNODE"):
+    ae = AE(ae_title=calling)
+    for sop, ts in contexts:
+        ae.add_requested_context(sop, ts)
+    return ae.associate("127.0.0.1", scp.port, ae_title=called)
+
+
+def _count(node: Node, model: type) -> int:
+    with node.db.sessionmaker() as s:
+        return int(s.execute(select(func.count()).select_from(model)).scalar_one())
+
+
+def test_pynetdicom_scu_stores_multiseries_study(node: Node, scp: DimseServer) -> None:
+    study = make_study(n_series=3, per_series=3)
+    assoc = _assoc(scp, [(study[0].SOPClassUID, study[0].file_meta.TransferSyntaxUID)])
+    assert assoc.is_established
+    # TCP_NODELAY is set on the accepted socket: check from the SCP side.
+    active = scp._server.active_associations  # type: ignore[union-attr]
+    nodelay = [a.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for a in active]
+    assert nodelay and all(nodelay)
+    for ds in study:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    for ds in study:
+        path = node.store.root / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+        assert path.read_bytes()[128:132] == b"DICM"
+        assert dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+    assert _count(node, Instance) == 9
+    assert _count(node, Series) == 3
+    with node.db.sessionmaker() as s:
+        st = s.execute(select(Study)).scalar_one()
+        assert st.num_instances == 9 and st.calling_aet == "TESTSCU"
+
+
+def test_storescu_sends_study_and_compressed_syntaxes(node: Node, scp: DimseServer, tmp_path: Path) -> None:
+    storescu = require_tool("storescu")
+    study = make_study(n_series=3, per_series=2)
+    files = write_files(study, tmp_path / "in")
+    cmd = [storescu, "-aet", "STORESCU", "-aec", "PACSNODE", "127.0.0.1", str(scp.port), *map(str, files)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=NODELAY_ENV, timeout=60)
+    assert res.returncode == 0, res.stderr
+    # Compressed transfer syntaxes are stored as received (not transcoded);
+    # storescu proposes one compressed syntax per run (-xw J2K, -xr RLE, ...).
+    compressed = {
+        "-xw": get_testdata_file("JPEG2000.dcm"),
+        "-xr": get_testdata_file("MR_small_RLE.dcm"),
+        "-xy": get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"),
+    }
+    for flag, f in compressed.items():
+        cmd = [storescu, flag, "-aet", "STORESCU", "-aec", "PACSNODE", "127.0.0.1", str(scp.port), str(f)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=NODELAY_ENV, timeout=60)
+        assert res.returncode == 0, res.stderr
+    assert _count(node, Instance) == len(files) + len(compressed)
+    for f in compressed.values():
+        ds = dcmread(f)
+        stored = node.store.root / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+        got = dcmread(stored)
+        assert got.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+        assert got.PixelData == ds.PixelData  # bytes as received
+    with node.db.sessionmaker() as s:
+        tsyn = set(s.execute(select(Instance.transfer_syntax_uid)).scalars())
+    assert {JPEGBaseline8Bit, RLELossless} <= tsyn
+
+
+def test_echoscu(scp: DimseServer) -> None:
+    echoscu = require_tool("echoscu")
+    res = subprocess.run([echoscu, "-aec", "PACSNODE", "127.0.0.1", str(scp.port)],
+                         capture_output=True, text=True, env=NODELAY_ENV, timeout=30)
+    assert res.returncode == 0, res.stderr
+
+
+def _send_raw(scp: DimseServer, ds: Dataset, *, raw: bytes | None = None, tmp: Path | None = None) -> Dataset:
+    """C-STORE ``ds``; with ``raw``, send a file whose meta is ``ds``'s and
+    whose data set bytes are ``raw`` (pynetdicom sends a file path as-is)."""
+    assoc = _assoc(scp, [(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)])
+    assert assoc.is_established
+    try:
+        if raw is None:
+            return assoc.send_c_store(ds)
+        from io import BytesIO
+
+        from pydicom.filewriter import write_file_meta_info
+
+        buf = BytesIO()
+        buf.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(buf, ds.file_meta)
+        buf.write(raw)
+        assert tmp is not None
+        path = tmp / "raw.dcm"
+        path.write_bytes(buf.getvalue())
+        from pynetdicom import _config
+
+        old, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+        try:
+            return assoc.send_c_store(path)
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = old
+    finally:
+        assoc.release()
+
+
+def test_garbage_bytes_get_c210_and_server_keeps_serving(node: Node, scp: DimseServer, tmp_path: Path) -> None:
+    ds = make_instance(study_uid=generate_uid(), series_uid=generate_uid())
+    rsp = _send_raw(scp, ds, raw=b"\xde\xad\xbe\xef garbage " * 8, tmp=tmp_path)
+    assert rsp.Status == Status.CANNOT_UNDERSTAND
+    assert "decode" in str(rsp.ErrorComment)
+    assert _count(node, Instance) == 0
+    assert _send_raw(scp, ds).Status == 0x0000  # still serving
+
+
+@pytest.mark.parametrize(
+    ("attr", "value", "status"),
+    [
+        ("StudyInstanceUID", None, Status.INVALID_UID),
+        ("SeriesInstanceUID", "", Status.INVALID_UID),
+        ("StudyInstanceUID", "../../../../tmp/evil", Status.INVALID_UID),
+        ("SeriesInstanceUID", "1.2.3/../../x", Status.INVALID_UID),
+    ],
+)
+def test_missing_or_crafted_uids(node: Node, scp: DimseServer, attr: str, value: str | None, status: int) -> None:
+    ds = make_instance(study_uid=generate_uid(), series_uid=generate_uid())
+    if value is None:
+        delattr(ds, attr)
+    else:
+        setattr(ds, attr, value)
+    rsp = _send_raw(scp, ds)
+    assert rsp.Status == status
+    assert attr in str(rsp.ErrorComment)
+    assert _count(node, Instance) == 0
+    root = node.store.root
+    outside = [p for p in root.parent.rglob("*") if p.is_file() and not p.is_relative_to(root) and "evil" in str(p)]
+    assert outside == []
+    assert not Path("/tmp/evil.dcm").exists()
+
+
+def test_sop_uid_mismatch(node: Node, scp: DimseServer, tmp_path: Path) -> None:
+    ds = make_instance(study_uid=generate_uid(), series_uid=generate_uid())
+    other = generate_uid()
+    rsp = _send_raw(scp, ds, raw=to_bytes_without_meta(ds, sop_uid=other), tmp=tmp_path)
+    assert rsp.Status == Status.UID_MISMATCH
+    assert _count(node, Instance) == 0
+
+
+def to_bytes_without_meta(ds: Dataset, *, sop_uid: str) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    copy = ds.copy()
+    copy.SOPInstanceUID = sop_uid
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_dataset(buf, copy)
+    return buf.getvalue()
+
+
+def test_duplicate_is_idempotent_and_counted(node: Node, scp: DimseServer) -> None:
+    ds = make_instance(study_uid=generate_uid(), series_uid=generate_uid())
+    for _ in range(3):
+        assert _send_raw(scp, ds).Status == 0x0000
+    with node.db.sessionmaker() as s:
+        inst = s.execute(select(Instance)).scalar_one()
+        study = s.execute(select(Study)).scalar_one()
+    assert inst.receive_count == 3
+    assert study.num_instances == 1
+    files = list(node.store.root.rglob("*.dcm"))
+    assert len(files) == 1 and dcmread(files[0]) == ds
+
+
+def test_same_sop_uid_under_another_study_is_refused(node: Node, scp: DimseServer) -> None:
+    sop = generate_uid()
+    a = make_instance(study_uid=generate_uid(), series_uid=generate_uid(), sop_uid=sop)
+    b = make_instance(study_uid=generate_uid(), series_uid=generate_uid(), sop_uid=sop)
+    assert _send_raw(scp, a).Status == 0x0000
+    assert _send_raw(scp, b).Status == Status.UID_CONFLICT
+    assert _count(node, Instance) == 1
+
+
+def test_disk_full_gets_a700_and_nothing_recorded(
+    node: Node, scp: DimseServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    ds = make_instance(study_uid=generate_uid(), series_uid=generate_uid())
+    real_fdopen = os.fdopen
+
+    class FullFile:
+        def __init__(self, fh):  # type: ignore[no-untyped-def]
+            self.fh = fh
+
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            return self
+
+        def __exit__(self, *a):  # type: ignore[no-untyped-def]
+            self.fh.close()
+
+        def write(self, data):  # type: ignore[no-untyped-def]
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("pacs_node.ingest.storage.os.fdopen", lambda fd, mode: FullFile(real_fdopen(fd, mode)))
+    with caplog.at_level(logging.ERROR):
+        rsp = _send_raw(scp, ds)
+    assert rsp.Status == Status.OUT_OF_RESOURCES
+    assert "storage is full" in str(rsp.ErrorComment)
+    assert "storage full" in caplog.text
+    assert _count(node, Instance) == 0
+    assert list(node.store.root.rglob("*.tmp")) == []  # temporary file cleaned up
+    monkeypatch.undo()
+    assert _send_raw(scp, ds).Status == 0x0000
+
+
+def test_min_free_bytes_refuses_before_writing(node: Node, scp: DimseServer) -> None:
+    node.store.min_free_bytes = node.store.free_bytes() + 10**12
+    ds = make_instance(study_uid=generate_uid(), series_uid=generate_uid())
+    assert _send_raw(scp, ds).Status == Status.OUT_OF_RESOURCES
+
+
+def test_unexpected_exception_answers_failure_and_logs(
+    node: Node, scp: DimseServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def boom(*a, **k):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(node.ingestor, "ingest", boom)
+    ds = make_instance(study_uid=generate_uid(), series_uid=generate_uid())
+    with caplog.at_level(logging.ERROR):
+        assert _send_raw(scp, ds).Status == Status.PROCESSING_FAILURE
+    assert "Traceback" in caplog.text or "RuntimeError" in caplog.text
+    monkeypatch.undo()
+    assert _send_raw(scp, ds).Status == 0x0000
+
+
+def test_database_down_gets_a700(node: Node, scp: DimseServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    def down(*a, **k):  # type: ignore[no-untyped-def]
+        raise OperationalError("INSERT", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(node.ingestor, "_record", down)
+    ds = make_instance(study_uid=generate_uid(), series_uid=generate_uid())
+    rsp = _send_raw(scp, ds)
+    assert rsp.Status == Status.OUT_OF_RESOURCES
+    assert "database" in str(rsp.ErrorComment)
+
+
+def test_unknown_sop_class_context_is_rejected(scp: DimseServer) -> None:
+    assoc = _assoc(scp, [("1.2.3.4.5.6.7.8.9", "1.2.840.10008.1.2.1"), ("1.2.840.10008.1.1", "1.2.840.10008.1.2")])
+    assert assoc.is_established
+    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    rejected = {str(cx.abstract_syntax) for cx in assoc.rejected_contexts}
+    assert "1.2.3.4.5.6.7.8.9" in rejected and "1.2.840.10008.1.1" in accepted
+    assoc.release()
+
+
+def test_labelmap_seg_is_supported(scp: DimseServer) -> None:
+    assoc = _assoc(scp, [("1.2.840.10008.5.1.4.1.1.66.7", "1.2.840.10008.1.2.1")])
+    assert assoc.is_established and len(assoc.accepted_contexts) == 1
+    assoc.release()
+
+
+def test_refused_calling_and_called_ae(tmp_path: Path, sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    from conftest import make_settings
+
+    settings = make_settings(tmp_path, sqlite_url, dicom__allowed_calling_aets='["GOODPACS"]')
+    node = Node.from_settings(settings, migrate=True)
+    server = DimseServer(settings.dicom, node.ingestor)
+    server.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="pacs_node"):
+            bad = _assoc(server, [("1.2.840.10008.1.1", "1.2.840.10008.1.2")], calling="EVILPACS")
+        assert bad.is_rejected
+        rj = bad.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
+        assert "EVILPACS" in caplog.text and "calling AE title not recognised" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pacs_node"):
+            wrong = _assoc(server, [("1.2.840.10008.1.1", "1.2.840.10008.1.2")], calling="GOODPACS", called="NOTME")
+        assert wrong.is_rejected
+        rj = wrong.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)
+        assert "NOTME" in caplog.text and "called AE title not recognised" in caplog.text
+        ok = _assoc(server, [("1.2.840.10008.1.1", "1.2.840.10008.1.2")], calling="GOODPACS")
+        assert ok.is_established
+        ok.release()
+        # dcmtk's echoscu sees the rejection too.
+        echoscu = require_tool("echoscu")
+        res = subprocess.run([echoscu, "-aet", "EVILPACS", "-aec", "PACSNODE", "127.0.0.1", str(server.port)],
+                             capture_output=True, text=True, env=NODELAY_ENV, timeout=30)
+        assert res.returncode != 0 and "Calling AE Title Not Recognized" in res.stderr + res.stdout
+    finally:
+        server.stop()
+        node.close()
