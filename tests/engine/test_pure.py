@@ -1,0 +1,199 @@
+"""Pure functions with known answers: normalisation, scores, threshold, post-processing, findings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from worker.engine.postprocess import clean_mask, extract_findings, study_score
+from worker.engine.preprocess import (
+    PreprocessConfig,
+    PreprocessError,
+    context_stack,
+    erode_mm,
+    foreground_mask,
+    from_model_grid,
+    normalize,
+    to_model_grid,
+)
+from worker.engine.scoring import (
+    ScoringConfig,
+    calibrate_threshold,
+    fuse,
+    intensity_outlier,
+    median_smooth,
+    pixel_zscore,
+    residual_map,
+    ssim_map,
+    to_unit,
+)
+from worker.engine.volume import Volume
+
+
+def test_ct_window_normalisation() -> None:
+    cfg = PreprocessConfig(ct_window=(40.0, 80.0), clip=(-0.5, 2.0))
+    a = np.array([[[0.0, 40.0, 80.0, 1000.0, -1000.0]]], np.float32)
+    fg = np.ones_like(a, bool)
+    out = normalize(a, fg, "CT", cfg)
+    np.testing.assert_allclose(out[0, 0], [0.0, 0.5, 1.0, 2.0, -0.5])
+
+
+def test_mr_percentile_and_zscore_normalisation() -> None:
+    a = np.zeros((1, 10, 101), np.float32)
+    a[0, 2:8, :] = np.arange(101, dtype=np.float32)
+    fg = a > 0
+    fg[0, 2:8, 0] = True
+    out = normalize(a, fg, "MR", PreprocessConfig(mr_percentiles=(0.0, 100.0)))
+    assert out[0, 5, 0] == pytest.approx(0.0) and out[0, 5, 100] == pytest.approx(1.0)
+    assert out[0, 5, 50] == pytest.approx(0.5)
+    assert np.all(out[~fg] == 0)
+    z = normalize(a, fg, "MR", PreprocessConfig(mr_method="zscore", clip=(-10, 10)))
+    assert z[fg].mean() == pytest.approx(0.0, abs=1e-5) and z[fg].std() == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(PreprocessError):
+        normalize(np.ones((1, 4, 4), np.float32), np.ones((1, 4, 4), bool), "MR", PreprocessConfig())
+
+
+def test_foreground_mask_fills_and_keeps_largest() -> None:
+    a = np.zeros((3, 40, 40), np.float32)
+    yy, xx = np.mgrid[:40, :40]
+    ring = ((yy - 20) ** 2 + (xx - 20) ** 2 < 15**2) & ((yy - 20) ** 2 + (xx - 20) ** 2 > 9**2)
+    a[:, ring] = 100.0
+    a[:, 1:5, 1:5] = 100.0  # small disconnected speck (survives the opening)
+    m = foreground_mask(a, "MR", PreprocessConfig())
+    assert m[1, 20, 20]  # hole filled
+    assert not m[1, 1, 1]  # speck removed
+    with pytest.raises(PreprocessError):
+        foreground_mask(np.full((2, 8, 8), -1000.0, np.float32), "CT", PreprocessConfig())
+
+
+def test_erode_mm_is_anisotropic() -> None:
+    m = np.zeros((5, 30, 30), bool)
+    m[:, 5:25, 5:25] = True
+    e = erode_mm(m, (5.0, 1.0, 1.0), 3.0)  # 3 px in-plane, 0 through-plane
+    assert e[0, 8:22, 8:22].all() and not e[0, 7, 10] and e.any(axis=(1, 2)).all()
+
+
+def test_residual_ssim_and_unit_map() -> None:
+    x = np.zeros((2, 16, 16), np.float32)
+    r = x.copy()
+    r[1, 4, 4] = 0.5
+    np.testing.assert_allclose(residual_map(x, r).max(), 0.5)
+    assert residual_map(x, x).max() == 0
+    assert np.abs(ssim_map(x, x)).max() < 1e-6 and ssim_map(x, r)[1, 4, 4] > 0.1
+    np.testing.assert_allclose(to_unit(np.array([0.0, 1.0, 2.0, 9.0]), 2.0), [0.0, 0.25, 0.5, 1.0])
+
+
+def test_intensity_outlier_and_zscore() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.5, 0.01, (1, 20, 20)).astype(np.float32)
+    x[0, 10, 10], x[0, 5, 5] = 1.0, 0.0
+    region = np.ones_like(x, bool)
+    bright = intensity_outlier(x, region, "bright")
+    dark = intensity_outlier(x, region, "dark")
+    both = intensity_outlier(x, region, "both")
+    assert bright[0, 10, 10] > 20 and bright[0, 5, 5] == 0
+    assert dark[0, 5, 5] > 20 and dark[0, 10, 10] == 0
+    np.testing.assert_allclose(both, np.maximum(bright, dark))
+    z = pixel_zscore(np.full((1, 2, 2), 0.7, np.float32), np.full((1, 2, 2), 0.5), np.full((1, 2, 2), 0.1))
+    np.testing.assert_allclose(z, 2.0, rtol=1e-6)
+
+
+def test_median_removes_isolated_voxel() -> None:
+    s = np.zeros((5, 9, 9), np.float32)
+    s[2, 4, 4] = 1.0
+    assert median_smooth(s, (3, 3, 3)).max() == 0
+    s[1:4, 3:6, 3:6] = 1.0
+    assert median_smooth(s, (3, 3, 3))[2, 4, 4] == 1.0
+
+
+def test_calibrated_threshold_hits_target_fpr() -> None:
+    rng = np.random.default_rng(1)
+    normal = rng.normal(size=200_000)
+    t = calibrate_threshold(normal, 0.005)
+    assert np.mean(normal > t) == pytest.approx(0.005, abs=2e-4)
+    assert calibrate_threshold(np.arange(1000.0), 0.01) == 990.0
+    with pytest.raises(ValueError):
+        calibrate_threshold(normal, 1.5)
+    with pytest.raises(ValueError):
+        calibrate_threshold(np.array([]), 0.01)
+
+
+def test_fuse_combined() -> None:
+    comps = {"residual": np.array([1.0, 2.0]), "intensity:both": np.array([3.0, 0.0])}
+    cfg = ScoringConfig(method="combined", scales={"residual": 2.0, "intensity:both": 3.0}, combine_weight=0.5)
+    np.testing.assert_allclose(fuse(comps, cfg), [0.5 + 0.5, 1.0])
+    with pytest.raises(ValueError):
+        fuse({"residual": comps["residual"]}, cfg)
+
+
+def test_clean_mask_removes_small_fills_holes_and_sorts() -> None:
+    m = np.zeros((6, 20, 20), bool)
+    m[1:5, 2:9, 2:9] = True
+    m[2:4, 4:7, 4:7] = False  # enclosed cavity
+    m[1:3, 12:15, 12:15] = True  # 18 voxels
+    m[5, 18, 18] = True  # 1 voxel
+    lab, n = clean_mask(m, (2.0, 1.0, 1.0), min_volume_mm3=20.0, closing=False)
+    assert n == 2
+    assert (lab == 1).sum() == 4 * 7 * 7  # cavity filled, largest first
+    assert (lab == 2).sum() == 18
+    assert lab[5, 18, 18] == 0
+    lab2, n2 = clean_mask(m, (2.0, 1.0, 1.0), min_volume_mm3=40.0)
+    assert n2 == 1
+
+
+def test_findings_geometry() -> None:
+    direction = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # x-index → patient y
+    vol = Volume(np.zeros((4, 10, 12), np.float32), spacing=(3.0, 2.0, 1.5), origin=(10.0, 20.0, 30.0),
+                 direction=direction)
+    lab = np.zeros(vol.shape, np.int32)
+    lab[1:3, 2:5, 6:8] = 1  # centre index (1.5, 3, 6.5)
+    amap = np.zeros(vol.shape, np.float32)
+    amap[1:3, 2:5, 6:8] = 0.6
+    amap[2, 3, 7] = 0.9
+    (f,) = extract_findings(lab, amap, vol)
+    assert f.voxel_count == 12 and f.volume_mm3 == pytest.approx(12 * 9.0)
+    assert f.bbox_zyx == (1, 2, 6, 2, 4, 7)
+    # x index 6.5*1.5 mm along patient y; y index 3*2 mm along patient x; z 1.5*3 mm along z
+    np.testing.assert_allclose(f.centroid_patient, (10.0 + 6.0, 20.0 + 9.75, 30.0 + 4.5))
+    assert f.max_score == pytest.approx(0.9) and f.mean_score == pytest.approx((11 * 0.6 + 0.9) / 12)
+    assert extract_findings(np.zeros_like(lab), amap, vol) == []
+
+
+def test_study_score() -> None:
+    s = np.zeros(1000)
+    s[:10] = 4.0
+    assert study_score(s, 2.0, 10) == pytest.approx(2.0)
+    assert study_score(s, 2.0, 20) == pytest.approx(1.0)
+
+
+def test_model_grid_round_trip_is_aligned() -> None:
+    vol = Volume(np.zeros((3, 45, 70), np.float32), spacing=(5.0, 1.1, 0.7), origin=(1.0, 2.0, 3.0),
+                 direction=np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    yy, xx = np.mgrid[:45, :70]
+    smooth = np.sin(yy / 9.0) + np.cos(xx / 13.0)
+    arr = np.repeat(smooth[None], 3, 0).astype(np.float32)
+    m = to_model_grid(vol, arr, (32, 32))
+    back = from_model_grid(vol, m)
+    assert back.shape == vol.shape
+    assert np.abs(back - arr)[:, 2:-2, 2:-2].max() < 0.05
+    # a box maps back onto the same pixels (centroid within half a pixel)
+    box = np.zeros(vol.shape, np.float32)
+    box[:, 20:30, 40:60] = 1.0
+    b = from_model_grid(vol, to_model_grid(vol, box, (32, 32))) > 0.5
+    np.testing.assert_allclose(np.argwhere(b).mean(0), np.argwhere(box > 0).mean(0), atol=0.5)
+
+
+def test_context_stack_edges() -> None:
+    img = np.arange(4, dtype=np.float32)[:, None, None] * np.ones((1, 2, 2), np.float32)
+    st = context_stack(img, 1)
+    assert st.shape == (4, 3, 2, 2)
+    np.testing.assert_array_equal(st[:, :, 0, 0], [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]])
+
+
+def test_volume_index_to_patient() -> None:
+    v = Volume(np.zeros((2, 3, 4)), spacing=(2.0, 3.0, 4.0), origin=(1.0, 1.0, 1.0))
+    np.testing.assert_allclose(v.index_to_patient((1, 1, 1)), (5.0, 4.0, 3.0))
+    img = v.to_sitk()
+    np.testing.assert_allclose(img.TransformContinuousIndexToPhysicalPoint((1.0, 1.0, 1.0)), (5.0, 4.0, 3.0))
+    with pytest.raises(ValueError):
+        Volume(np.zeros((3, 3)))

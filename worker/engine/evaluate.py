@@ -1,0 +1,189 @@
+"""Side-by-side evaluation of the U-Net and both baselines.
+
+Every method runs through the same smoothing, foreground restriction, 3D
+post-processing and calibrated-threshold decision. Voxel metrics are computed
+over the head foreground of every study (plus any ground-truth voxel outside
+it); the study-level AUROC uses normal and abnormal studies.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .calibrate import BASELINE_KEYS
+from .metrics import auroc, average_precision, binary_metrics, pr_curve, roc_curve
+from .predictor import Predictor
+from .scoring import component_keys, fuse
+from .volume import Volume
+
+__all__ = ["evaluate", "BASELINE_NAMES"]
+
+log = logging.getLogger(__name__)
+
+BASELINE_NAMES = ("intensity", "pixel_zscore")
+
+
+def _summary(scores: list[np.ndarray], truth: list[np.ndarray], preds: list[np.ndarray],
+             study: list[float], study_truth: list[bool], threshold: float) -> dict[str, Any]:
+    s, t, p = np.concatenate(scores), np.concatenate(truth), np.concatenate(preds)
+    out: dict[str, Any] = {"threshold": float(threshold)}
+    if t.any() and not t.all():
+        out["auroc"] = auroc(s, t)
+        out["auprc"] = average_precision(s, t)
+    else:
+        out["auroc"] = out["auprc"] = None
+    bm = binary_metrics(p, t)
+    out.update({k: bm[k] for k in ("dice", "f1", "sensitivity", "specificity", "precision")})
+    out["study_auroc"] = auroc(np.asarray(study), np.asarray(study_truth)) if 0 < sum(study_truth) < len(study_truth) else None
+    return out
+
+
+def evaluate(
+    predictor: Predictor,
+    cases: list[tuple[Volume, np.ndarray | None]],
+    *,
+    plots_dir: Path | None = None,
+    compare_methods: bool = True,
+) -> dict[str, Any]:
+    """Evaluate on studies with ground-truth masks.
+
+    Parameters
+    ----------
+    predictor:
+        Calibrated model.
+    cases:
+        ``(volume, mask)`` pairs; ``mask`` is boolean on the volume grid, or
+        ``None`` / all-false for a normal study.
+    plots_dir:
+        When given, ROC and PR curves and overlay PNGs are written there.
+    compare_methods:
+        Also report every calibrated U-Net scoring method under ``methods``.
+
+    Returns
+    -------
+    dict
+        U-Net metrics at top level (``auroc``, ``auprc``, ``dice``,
+        ``sensitivity``, ``specificity``, ``precision``, ``f1``,
+        ``threshold``, ``study_auroc``), ``baselines`` with ``intensity`` and
+        ``pixel_zscore`` (best polarity of each), ``baseline`` (the stronger
+        one, by AUPRC) and ``beats_baseline``.
+
+    Raises
+    ------
+    ValueError
+        When the model is not calibrated, or a mask's shape differs from its volume.
+    """
+    if predictor.scoring.threshold is None:
+        raise ValueError("model is not calibrated")
+    bthr: dict[str, float] = predictor.meta.get("baselines", {}).get("thresholds", {})
+    mthr: dict[str, float] = predictor.meta.get("method_thresholds", {}) if compare_methods else {}
+    methods: dict[str, tuple[Any, float]] = {"unet": (predictor.scoring, float(predictor.scoring.threshold))}
+    for m, thr in mthr.items():
+        methods[f"unet:{m}"] = (replace(predictor.scoring, method=m), float(thr))
+    for k, thr in bthr.items():
+        name, _, pol = k.partition(":")
+        methods[k] = (replace(predictor.scoring, method=name, polarity=pol), float(thr))
+    keys: list[str] = list(dict.fromkeys(k for cfg, _ in methods.values() for k in component_keys(cfg)))
+    acc: dict[str, dict[str, list[Any]]] = {m: {"s": [], "t": [], "p": [], "study": []} for m in methods}
+    study_truth: list[bool] = []
+    overlays: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    for vol, gt in cases:
+        gt = np.zeros(vol.shape, bool) if gt is None else np.asarray(gt, bool)
+        if gt.shape != vol.shape:
+            raise ValueError(f"mask shape {gt.shape} differs from volume shape {vol.shape}")
+        comp = predictor.components(vol, keys)
+        region = comp.pre.fg_source | gt
+        study_truth.append(bool(gt.any()))
+        for m, (cfg, thr) in methods.items():
+            score = fuse(comp.maps, cfg)
+            mask, amap, _, sscore = predictor.finalize(vol, score, thr)
+            a = acc[m]
+            a["s"].append(score[region])
+            a["t"].append(gt[region])
+            a["p"].append(mask[region])
+            a["study"].append(sscore)
+            if m == "unet" and plots_dir is not None and gt.any() and len(overlays) < 4:
+                overlays.append((comp.pre.fg_source * vol.array, gt, mask, amap))
+    results = {m: _summary(a["s"], a["t"], a["p"], a["study"], study_truth, methods[m][1]) for m, a in acc.items()}
+    out: dict[str, Any] = dict(results["unet"])
+    out["method"] = predictor.scoring.method
+    out["n_studies"] = len(cases)
+    out["n_abnormal"] = int(sum(study_truth))
+    if mthr:
+        out["methods"] = {m.split(":", 1)[1]: results[m] for m in methods if m.startswith("unet:")}
+
+    def rank(r: dict[str, Any]) -> tuple[float, float]:
+        return (r["auprc"] or 0.0, r["dice"])
+
+    baselines: dict[str, Any] = {}
+    for name in BASELINE_NAMES:
+        variants = {k.split(":")[1]: results[k] for k in methods if k.startswith(name + ":")}
+        if variants:
+            pol = max(variants, key=lambda p: rank(variants[p]))
+            baselines[name] = {**variants[pol], "polarity": pol}
+    out["baselines"] = baselines
+    if baselines:
+        best = max(baselines, key=lambda n: rank(baselines[n]))
+        out["baseline"] = {**baselines[best], "name": best}
+        out["beats_baseline"] = {
+            "auprc": (out["auprc"] or 0.0) > (out["baseline"]["auprc"] or 0.0),
+            "dice": out["dice"] > out["baseline"]["dice"],
+        }
+    if plots_dir is not None:
+        _plots(Path(plots_dir), acc, methods, baselines, overlays)
+    return out
+
+
+def _plots(d: Path, acc: dict[str, dict[str, list[Any]]], methods: dict[str, Any], baselines: dict[str, Any],
+           overlays: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d.mkdir(parents=True, exist_ok=True)
+    curves = {"U-Net": "unet"}
+    for name, r in baselines.items():
+        curves[f"{name} ({r['polarity']})"] = f"{name}:{r['polarity']}"
+    fig_r, ax_r = plt.subplots(figsize=(5, 5))
+    fig_p, ax_p = plt.subplots(figsize=(5, 5))
+    for label, key in curves.items():
+        s, t = np.concatenate(acc[key]["s"]), np.concatenate(acc[key]["t"])
+        if not t.any() or t.all():
+            continue
+        fpr, tpr, _ = roc_curve(s, t)
+        prec, rec, _ = pr_curve(s, t)
+        step = max(1, len(fpr) // 5000)
+        ax_r.plot(fpr[::step], tpr[::step], label=f"{label} AUROC={auroc(s, t):.3f}")
+        step = max(1, len(rec) // 5000)
+        ax_p.plot(rec[::step], prec[::step], label=f"{label} AP={average_precision(s, t):.3f}")
+    ax_r.set(xlabel="false-positive rate", ylabel="sensitivity", title="Voxel ROC")
+    ax_p.set(xlabel="recall", ylabel="precision", title="Voxel precision-recall")
+    for ax in (ax_r, ax_p):
+        ax.legend(loc="best", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig_r.savefig(d / "roc.png", dpi=100, bbox_inches="tight")
+    fig_p.savefig(d / "pr.png", dpi=100, bbox_inches="tight")
+    plt.close(fig_r)
+    plt.close(fig_p)
+    for i, (img, gt, mask, amap) in enumerate(overlays):
+        z = int(np.argmax(gt.sum(axis=(1, 2))))
+        fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+        axes[0].imshow(img[z], cmap="gray")
+        axes[0].contour(gt[z], levels=[0.5], colors="lime", linewidths=1)
+        axes[0].contour(mask[z], levels=[0.5], colors="red", linewidths=1)
+        axes[0].set_title(f"slice {z}: truth (green), prediction (red)")
+        axes[1].imshow(amap[z], cmap="magma", vmin=0, vmax=1)
+        axes[1].set_title("anomaly map (0.5 = threshold)")
+        axes[2].imshow(img[z], cmap="gray")
+        axes[2].imshow(np.ma.masked_where(amap[z] < 0.5, amap[z]), cmap="autumn", alpha=0.6, vmin=0.5, vmax=1)
+        axes[2].set_title("overlay")
+        for ax in axes:
+            ax.axis("off")
+        fig.savefig(d / f"overlay_{i}.png", dpi=80, bbox_inches="tight")
+        plt.close(fig)

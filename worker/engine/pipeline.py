@@ -1,0 +1,150 @@
+"""Train → atlas → calibrate → (select scoring) → save: the full model build."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import CODE_VERSION
+from .baselines import ZScoreAtlas
+from .calibrate import calibrate, volumes_hash
+from .checkpoint import save_checkpoint
+from .evaluate import evaluate
+from .model import UNetConfig
+from .predictor import Predictor
+from .preprocess import PreprocessConfig, preprocess
+from .scoring import ScoringConfig
+from .train import TrainConfig, build_slices, train
+from .volume import Volume
+
+__all__ = ["fit", "save_predictor", "select_method"]
+
+log = logging.getLogger(__name__)
+
+
+def save_predictor(predictor: Predictor, path: Path) -> str:
+    """Write the predictor's weights, metadata and atlas to one checkpoint file.
+
+    Returns
+    -------
+    str
+        sha256 of the file (also stored in ``predictor.checksum``).
+    """
+    tensors = predictor.atlas.to_tensors() if predictor.atlas is not None else {}
+    predictor.meta["scoring"] = predictor.scoring.to_dict()
+    sd = {k: v.detach().cpu() for k, v in predictor.model.state_dict().items()}
+    sha = save_checkpoint(Path(path), sd, predictor.meta, tensors)
+    predictor.checksum = sha
+    return sha
+
+
+def select_method(predictor: Predictor, cases: list[tuple[Volume, np.ndarray | None]]) -> dict[str, Any]:
+    """Pick the calibrated U-Net scoring method with the best AUPRC + Dice on validation cases.
+
+    The cases must be disjoint from training, calibration and test data.
+    """
+    res = evaluate(predictor, cases, compare_methods=True)
+    ranking = {m: (r["auprc"] or 0.0) + r["dice"] for m, r in res.get("methods", {}).items()}
+    best = max(ranking, key=lambda m: ranking[m])
+    thr = predictor.meta["method_thresholds"][best]
+    predictor.scoring = replace(predictor.scoring, method=best, threshold=float(thr))
+    predictor.meta["scoring"] = predictor.scoring.to_dict()
+    sel = {"chosen": best, "criterion": "auprc+dice on synthetic validation anomalies", "n_cases": len(cases),
+           "scores": {m: {"auprc": r["auprc"], "dice": r["dice"]} for m, r in res["methods"].items()}}
+    predictor.meta["selection"] = sel
+    log.info("scoring method %s selected (%s)", best, ", ".join(f"{m}={v:.3f}" for m, v in ranking.items()))
+    return sel
+
+
+def fit(
+    train_volumes: list[Volume],
+    val_volumes: list[Volume],
+    calib_volumes: list[Volume],
+    *,
+    ucfg: UNetConfig,
+    tcfg: TrainConfig,
+    pcfg: PreprocessConfig,
+    scfg: ScoringConfig,
+    model_name: str,
+    data_description: str,
+    device: str = "auto",
+    state_path: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    select_cases: list[tuple[Volume, np.ndarray | None]] | None = None,
+) -> Predictor:
+    """Build a calibrated model from normal volumes.
+
+    Parameters
+    ----------
+    train_volumes, val_volumes, calib_volumes:
+        Disjoint sets of normal volumes: training, validation (early
+        stopping) and threshold calibration.
+    ucfg, tcfg, pcfg, scfg:
+        Architecture, training, preprocessing and scoring configuration.
+    model_name:
+        Name recorded in the checkpoint.
+    data_description:
+        Non-identifying description of the training data.
+    device:
+        Training/inference device (``"auto"``).
+    state_path, resume:
+        Per-epoch training state file and whether to resume from it.
+    progress:
+        Show progress bars.
+    select_cases:
+        Optional validation cases with anomalies used to choose between the
+        ``residual`` and ``combined`` scoring methods.
+
+    Returns
+    -------
+    Predictor
+        Calibrated predictor whose ``meta`` is complete (save it with
+        :func:`save_predictor`).
+
+    Raises
+    ------
+    ValueError
+        When a data set is empty.
+    """
+    if not train_volumes or not val_volumes or not calib_volumes:
+        raise ValueError("training, validation and calibration sets must all be non-empty")
+    ucfg = replace(ucfg, in_channels=2 * pcfg.context + 1)
+    tr = build_slices(train_volumes, pcfg, tcfg.min_fg_fraction)
+    va = build_slices(val_volumes, pcfg, tcfg.min_fg_fraction)
+    log.info("training on %d slices from %d volumes (%d validation slices)", len(tr.x), len(train_volumes), len(va.x))
+    result = train(tr, va, ucfg, tcfg, device=device, state_path=state_path, resume=resume, progress=progress)
+    atlas = ZScoreAtlas.fit([preprocess(v, pcfg).image for v in train_volumes])
+    meta: dict[str, Any] = {
+        "model_name": model_name,
+        "arch": ucfg.to_dict(),
+        "preprocess": pcfg.to_dict(),
+        "scoring": scfg.to_dict(),
+        "code_version": CODE_VERSION,
+        "torch_version": torch.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "training": {
+            "config": tcfg.to_dict(),
+            "data_description": data_description,
+            "data_sha256": volumes_hash(train_volumes),
+            "n_train_volumes": len(train_volumes),
+            "n_val_volumes": len(val_volumes),
+            "n_train_slices": int(len(tr.x)),
+            "epochs_run": result.epochs_run,
+            "stopped": result.stopped,
+            "seconds": round(result.seconds, 1),
+            "history": result.history,
+        },
+        "validation": {"val_loss": result.best_val_loss, "val_data_sha256": volumes_hash(val_volumes)},
+    }
+    predictor = Predictor(result.model, meta, atlas.to_tensors(), device=device)
+    calibrate(predictor, calib_volumes, description=f"held-out normals: {data_description}")
+    if select_cases:
+        select_method(predictor, select_cases)
+    return predictor

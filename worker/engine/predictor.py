@@ -1,0 +1,291 @@
+"""Inference: load a checkpoint once, then ``predict(volume) -> Prediction``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from .baselines import ZScoreAtlas
+from .checkpoint import CheckpointError, load_checkpoint
+from .model import UNet, UNetConfig
+from .postprocess import Finding, clean_mask, extract_findings, study_score
+from .preprocess import PreprocessConfig, Preprocessed, context_stack, erode_mm, from_model_grid, preprocess, to_model_grid
+from .scoring import (
+    ScoringConfig,
+    component_keys,
+    fuse,
+    intensity_outlier,
+    median_smooth,
+    pixel_zscore,
+    residual_map,
+    ssim_map,
+    to_unit,
+)
+from .train import amp_dtype, cpu_has_bf16, select_device
+from .volume import Volume
+
+__all__ = ["Prediction", "Components", "Predictor"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    """Result of :meth:`Predictor.predict`, on the input volume's grid.
+
+    Attributes
+    ----------
+    mask:
+        Boolean anomaly mask ``(z, y, x)``.
+    anomaly_map:
+        float32 in 0..1; ``anomaly_map >= 0.5`` ⇔ raw score ≥ threshold.
+    findings:
+        Connected regions after 3D post-processing (largest first).
+    study_score:
+        Mean of the top minimum-volume voxels' scores over the threshold
+        (> 1 suggests an abnormal study).
+    threshold:
+        Calibrated threshold on the raw score of the checkpoint's method.
+    timings:
+        Seconds spent in ``preprocess``, ``inference`` and ``postprocess``.
+    """
+
+    mask: np.ndarray
+    anomaly_map: np.ndarray
+    findings: list[Finding]
+    study_score: float
+    threshold: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Components:
+    """Component score maps on the source grid plus the scoring region."""
+
+    maps: dict[str, np.ndarray]
+    region: np.ndarray
+    pre: Preprocessed
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Predictor:
+    """A loaded anomaly model.
+
+    Parameters
+    ----------
+    model:
+        The U-Net (weights loaded).
+    meta:
+        Checkpoint metadata.
+    tensors:
+        Extra checkpoint tensors (baseline atlas).
+    device:
+        ``"auto"`` (CUDA if present), ``"cpu"`` or ``"cuda"``.
+    checksum:
+        sha256 of the checkpoint file.
+    batch_size:
+        Slices per forward pass.
+    amp:
+        ``"auto"``, ``"on"`` or ``"off"``; on CPU bf16 is only kept when it
+        matches fp32 numerically.
+
+    Raises
+    ------
+    ValueError
+        When CUDA is requested but unavailable.
+    """
+
+    def __init__(self, model: UNet, meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None,
+                 device: str = "auto", checksum: str = "", batch_size: int = 32, amp: str = "auto") -> None:
+        self.meta = meta
+        self.device = select_device(device)
+        self.model = model.to(self.device).eval()
+        if self.device.type == "cpu":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.preprocess_cfg = PreprocessConfig.from_dict(meta["preprocess"])
+        self.scoring = ScoringConfig.from_dict(meta["scoring"])
+        self.atlas = ZScoreAtlas.from_tensors(tensors or {})
+        self.checksum = checksum
+        self.batch_size = int(batch_size)
+        self.dtype = amp_dtype(self.device, amp)
+        if self.device.type == "cpu" and self.dtype is not None:
+            self.dtype = self.dtype if self._bf16_matches() else None
+        if self.device.type == "cpu" and amp == "auto" and not cpu_has_bf16():
+            self.dtype = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", batch_size: int = 32,
+                        amp: str = "auto") -> "Predictor":
+        """Load a checkpoint file.
+
+        Raises
+        ------
+        CheckpointError
+            When the file is missing, corrupted or incompatible.
+        """
+        ck = load_checkpoint(Path(path))
+        try:
+            model = UNet(UNetConfig.from_dict(ck.meta["arch"]))
+            model.load_state_dict(ck.state_dict, strict=True)
+            PreprocessConfig.from_dict(ck.meta["preprocess"])
+            ScoringConfig.from_dict(ck.meta["scoring"])
+        except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint {Path(path).name} is incompatible with this code: {exc}") from None
+        if ck.meta["scoring"].get("threshold") is None:
+            log.warning("checkpoint %s is not calibrated; run 'pacs-node calibrate'", Path(path).name)
+        return cls(model, ck.meta, ck.tensors, device=device, checksum=ck.sha256, batch_size=batch_size, amp=amp)
+
+    @property
+    def model_name(self) -> str:
+        """Human-readable model name from the checkpoint."""
+        return str(self.meta.get("model_name", "unnamed"))
+
+    @property
+    def model_version(self) -> str:
+        """Code version plus a short weights checksum, e.g. ``pacs-node-engine/0.1.0+1a2b3c4d5e6f``."""
+        return f"{self.meta.get('code_version', 'unknown')}+{(self.checksum or 'nochecksum')[:12]}"
+
+    # ---------------------------------------------------------------- inference
+    def _bf16_matches(self, tol: float = 0.02) -> bool:
+        c, (h, w) = self.model.cfg.in_channels, self.preprocess_cfg.size
+        g = torch.Generator().manual_seed(0)
+        x = torch.nn.functional.avg_pool2d(torch.rand((2, c, h, w), generator=g), 5, 1, 2)
+        with torch.inference_mode():
+            ref = self.model(x.to(self.device))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                low = self.model(x.to(self.device)).float()
+        err = float((ref - low).abs().max())
+        log.debug("bf16 vs fp32 max abs difference %.4f", err)
+        return err < tol
+
+    def reconstruct(self, stack: np.ndarray) -> np.ndarray:
+        """Run the U-Net on ``(z, C, H, W)`` slices in batches; returns ``(z, H, W)``."""
+        out = np.empty((stack.shape[0], stack.shape[2], stack.shape[3]), np.float32)
+        with torch.inference_mode():
+            for i in range(0, stack.shape[0], self.batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(stack[i:i + self.batch_size])).to(self.device)
+                if self.device.type == "cpu":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                    y = self.model(x)
+                out[i:i + len(x)] = y[:, 0].float().cpu().numpy()
+        return out
+
+    def components(self, volume: Volume, keys: Iterable[str] | None = None) -> Components:
+        """Compute component score maps on the source grid.
+
+        Parameters
+        ----------
+        volume:
+            Input volume.
+        keys:
+            Components to compute (``"residual"``, ``"ssim"``,
+            ``"intensity:<pol>"``, ``"pixel_zscore:<pol>"``); default: those
+            the checkpoint's method needs.
+
+        Returns
+        -------
+        Components
+            Median-filtered maps restricted to the eroded foreground.
+
+        Raises
+        ------
+        PreprocessError
+            When the volume has no usable foreground.
+        ValueError
+            For an unknown key, or ``pixel_zscore`` without an atlas.
+        """
+        keys = list(keys) if keys is not None else component_keys(self.scoring)
+        t0 = time.perf_counter()
+        pcfg, scfg = self.preprocess_cfg, self.scoring
+        pre = preprocess(volume, pcfg)
+        region_src = erode_mm(pre.fg_source, volume.spacing, scfg.erode_mm)
+        if not region_src.any():
+            region_src = pre.fg_source
+        region_m = to_model_grid(volume, region_src.astype(np.float32), pcfg.size, linear=True) > 0.5
+        t1 = time.perf_counter()
+        model_maps: dict[str, np.ndarray] = {}
+        if any(k in ("residual", "ssim") for k in keys):
+            recon = self.reconstruct(context_stack(pre.image, pcfg.context))
+            recon = np.where(pre.fg, recon, 0.0).astype(np.float32)
+        t2 = time.perf_counter()
+        for k in keys:
+            name, _, pol = k.partition(":")
+            if name == "residual":
+                m = residual_map(pre.image, recon)
+            elif name == "ssim":
+                m = ssim_map(pre.image, recon)
+            elif name == "intensity":
+                m = intensity_outlier(pre.image, region_m if region_m.any() else pre.fg, pol or scfg.polarity)
+            elif name == "pixel_zscore":
+                if self.atlas is None:
+                    raise ValueError("checkpoint has no z-score atlas")
+                mean, std = self.atlas.lookup(pre.image.shape[0])
+                m = pixel_zscore(pre.image, mean, std, pol or scfg.polarity)
+            else:
+                raise ValueError(f"unknown score component {k!r}")
+            model_maps[k] = median_smooth(m * region_m, scfg.median_size)
+        maps = {k: np.maximum(from_model_grid(volume, v, linear=True), 0.0) * region_src for k, v in model_maps.items()}
+        t3 = time.perf_counter()
+        return Components(maps=maps, region=region_src, pre=pre,
+                          seconds={"preprocess": t1 - t0, "inference": t2 - t1, "score": t3 - t2})
+
+    def finalize(self, volume: Volume, score: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, list[Finding], float]:
+        """Threshold, post-process in 3D and describe findings.
+
+        Returns
+        -------
+        tuple
+            ``(mask, anomaly_map, findings, study_score)``.
+        """
+        scfg = self.scoring
+        amap = to_unit(score, threshold)
+        labels, _ = clean_mask(score >= threshold, volume.spacing, scfg.min_volume_mm3, scfg.closing, scfg.fill_holes)
+        mask = labels > 0
+        findings = extract_findings(labels, amap, volume)
+        top = int(math.ceil(scfg.min_volume_mm3 / volume.voxel_volume_mm3))
+        return mask, amap, findings, study_score(score, threshold, top)
+
+    def predict(self, volume: Volume) -> Prediction:
+        """Detect anomalies in one volume.
+
+        Parameters
+        ----------
+        volume:
+            Source volume (any in-plane size and spacing).
+
+        Returns
+        -------
+        Prediction
+            Mask, map and findings on the input grid.
+
+        Raises
+        ------
+        CheckpointError
+            When the checkpoint was never calibrated.
+        PreprocessError
+            When the volume has no usable foreground.
+        """
+        thr = self.scoring.threshold
+        if thr is None:
+            raise CheckpointError("model is not calibrated (no threshold); run 'pacs-node calibrate'")
+        comp = self.components(volume)
+        t0 = time.perf_counter()
+        score = fuse(comp.maps, self.scoring)
+        mask, amap, findings, sscore = self.finalize(volume, score, float(thr))
+        t1 = time.perf_counter()
+        timings = {
+            "preprocess": comp.seconds["preprocess"],
+            "inference": comp.seconds["inference"],
+            "postprocess": comp.seconds["score"] + (t1 - t0),
+        }
+        return Prediction(mask=mask, anomaly_map=amap, findings=findings, study_score=sscore,
+                          threshold=float(thr), timings=timings)

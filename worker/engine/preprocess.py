@@ -1,0 +1,337 @@
+"""Preprocessing shared by training, calibration and inference.
+
+The parameters live in :class:`PreprocessConfig`, which is stored in every
+checkpoint so that inference repeats exactly what training saw:
+
+1. a foreground (body/head) mask on the source grid;
+2. modality-aware intensity normalisation (CT: HU window; MR: robust
+   percentiles or z-score, both computed inside the foreground);
+3. in-plane resampling with SimpleITK to the model size, preserving the
+   physical extent, and the exact inverse mapping back to the source grid.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .volume import Volume
+
+__all__ = [
+    "PreprocessConfig",
+    "Preprocessed",
+    "PreprocessError",
+    "foreground_mask",
+    "normalize",
+    "erode_mm",
+    "to_model_grid",
+    "from_model_grid",
+    "preprocess",
+    "context_stack",
+]
+
+log = logging.getLogger(__name__)
+
+
+class PreprocessError(ValueError):
+    """The volume cannot be preprocessed (empty foreground, bad modality...)."""
+
+
+@dataclass
+class PreprocessConfig:
+    """Preprocessing parameters (stored in the checkpoint).
+
+    Attributes
+    ----------
+    size:
+        Model in-plane size ``(height, width)``.
+    context:
+        Neighbouring slices on each side fed as channels (0 = 2D, 1 = 2.5D
+        with three channels ...).
+    ct_window:
+        CT ``(level, width)`` in HU, mapped to 0..1.
+    mr_method:
+        ``"percentile"`` (robust min/max → 0..1) or ``"zscore"``.
+    mr_percentiles:
+        Lower/upper percentiles of the foreground for ``"percentile"``.
+    clip:
+        Range the normalised intensities are clipped to.
+    fg_fraction:
+        MR foreground threshold as a fraction of the 99th percentile.
+    ct_fg_hu:
+        CT foreground threshold in HU.
+    """
+
+    size: tuple[int, int] = (64, 64)
+    context: int = 1
+    ct_window: tuple[float, float] = (40.0, 80.0)
+    mr_method: str = "percentile"
+    mr_percentiles: tuple[float, float] = (1.0, 90.0)
+    clip: tuple[float, float] = (-0.5, 2.0)
+    fg_fraction: float = 0.08
+    ct_fg_hu: float = -500.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
+        """Inverse of :meth:`to_dict` (tuples restored)."""
+        d = dict(d)
+        for k in ("size", "ct_window", "mr_percentiles", "clip"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+@dataclass
+class Preprocessed:
+    """A volume prepared for the model.
+
+    Attributes
+    ----------
+    image:
+        Normalised intensities on the model grid, ``(z, H, W)`` float32.
+    fg:
+        Foreground on the model grid, ``(z, H, W)`` bool.
+    fg_source:
+        Foreground on the source grid, ``(z, y, x)`` bool.
+    """
+
+    image: np.ndarray
+    fg: np.ndarray
+    fg_source: np.ndarray
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    lab, n = ndi.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == int(np.argmax(sizes))
+
+
+def foreground_mask(array: np.ndarray, modality: str, cfg: PreprocessConfig) -> np.ndarray:
+    """Body/head mask on the source grid.
+
+    Parameters
+    ----------
+    array:
+        Raw intensities ``(z, y, x)`` (HU for CT).
+    modality:
+        DICOM modality.
+    cfg:
+        Preprocessing configuration.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean mask: thresholded, holes filled slice by slice, opened, and
+        reduced to the largest 3D connected component.
+
+    Raises
+    ------
+    PreprocessError
+        When nothing is above the threshold.
+    """
+    if modality.upper() == "CT":
+        m = array > cfg.ct_fg_hu
+    else:
+        hi = float(np.percentile(array, 99.0))
+        m = array > cfg.fg_fraction * hi if hi > 0 else array > 0
+    if not m.any():
+        raise PreprocessError("empty foreground: no voxel above the foreground threshold")
+    m = ndi.binary_opening(m, structure=np.ones((1, 3, 3), bool))
+    m = np.stack([ndi.binary_fill_holes(s) for s in m])
+    m = _largest_component(m)
+    if not m.any():
+        raise PreprocessError("empty foreground after opening")
+    return m
+
+
+def normalize(array: np.ndarray, fg: np.ndarray, modality: str, cfg: PreprocessConfig) -> np.ndarray:
+    """Modality-aware intensity normalisation; background set to 0.
+
+    Parameters
+    ----------
+    array:
+        Raw intensities.
+    fg:
+        Foreground mask (statistics are computed inside it).
+    modality:
+        ``"CT"`` uses the HU window, anything else the MR method.
+    cfg:
+        Preprocessing configuration.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32, foreground roughly in 0..1 (``"zscore"``: mean 0, sd 1).
+
+    Raises
+    ------
+    PreprocessError
+        For an unknown MR method or a degenerate intensity range.
+    """
+    a = array.astype(np.float32, copy=False)
+    if modality.upper() == "CT":
+        level, width = cfg.ct_window
+        out = (a - (level - width / 2.0)) / float(width)
+    else:
+        vals = a[fg]
+        if cfg.mr_method == "percentile":
+            lo, hi = np.percentile(vals, cfg.mr_percentiles)
+            if hi - lo <= 1e-6:
+                raise PreprocessError("degenerate intensity range in the foreground")
+            out = (a - lo) / (hi - lo)
+        elif cfg.mr_method == "zscore":
+            sd = float(vals.std())
+            if sd <= 1e-6:
+                raise PreprocessError("degenerate intensity range in the foreground")
+            out = (a - float(vals.mean())) / sd
+        else:
+            raise PreprocessError(f"unknown MR normalisation {cfg.mr_method!r}")
+    out = np.clip(out, cfg.clip[0], cfg.clip[1])
+    out[~fg] = 0.0
+    return out.astype(np.float32)
+
+
+def erode_mm(mask: np.ndarray, spacing: tuple[float, float, float], mm: float) -> np.ndarray:
+    """Erode a mask by ``mm`` with an ellipsoidal element respecting anisotropy.
+
+    The erosion is applied in-plane only when the slice spacing exceeds ``mm``,
+    so thick-slice series keep their end slices.
+    """
+    if mm <= 0:
+        return mask.copy()
+    rad = [int(np.floor(mm / s)) for s in spacing]
+    if max(rad) == 0:
+        return mask.copy()
+    grids = np.ogrid[tuple(slice(-r, r + 1) for r in rad)]
+    ball = sum((g / max(r, 1e-9)) ** 2 if r > 0 else np.zeros_like(g, dtype=float) for g, r in zip(grids, rad)) <= 1.0
+    padded = np.pad(mask, [(r, r) for r in rad], mode="edge")
+    out = ndi.binary_erosion(padded, structure=ball)
+    return out[tuple(slice(r, r + n) for r, n in zip(rad, mask.shape))]
+
+
+def _model_geometry(vol: Volume, size: tuple[int, int]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Spacing (x, y, z) and origin of the model grid with the same physical extent."""
+    ny, nx = vol.shape[1], vol.shape[2]
+    sz, sy, sx = vol.spacing
+    nsx, nsy = sx * nx / size[1], sy * ny / size[0]
+    shift = np.array([(nsx - sx) / 2.0, (nsy - sy) / 2.0, 0.0])
+    origin = np.asarray(vol.origin) + vol.direction @ shift
+    return (nsx, nsy, sz), tuple(float(o) for o in origin)
+
+
+def _resample(img: "object", spacing: tuple[float, ...], origin: tuple[float, ...], size: tuple[int, int, int],
+              direction: tuple[float, ...], linear: bool) -> np.ndarray:
+    import SimpleITK as sitk
+
+    f = sitk.ResampleImageFilter()
+    f.SetOutputSpacing(spacing)
+    f.SetOutputOrigin(origin)
+    f.SetOutputDirection(direction)
+    f.SetSize([int(s) for s in size])
+    f.SetInterpolator(sitk.sitkLinear if linear else sitk.sitkNearestNeighbor)
+    f.SetDefaultPixelValue(0.0)
+    return sitk.GetArrayFromImage(f.Execute(img))
+
+
+def to_model_grid(vol: Volume, array: np.ndarray, size: tuple[int, int], linear: bool = True) -> np.ndarray:
+    """Resample ``array`` (on ``vol``'s grid) in-plane to ``size`` (slices unchanged).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(z, size[0], size[1])`` float32.
+    """
+    if array.shape[1:] == tuple(size):
+        return array.astype(np.float32, copy=True)
+    spacing, origin = _model_geometry(vol, size)
+    src = vol.with_array(array.astype(np.float32)).to_sitk()
+    out = _resample(src, spacing, origin, (size[1], size[0], vol.shape[0]),
+                    tuple(vol.direction.reshape(-1)), linear)
+    return out.astype(np.float32)
+
+
+def from_model_grid(vol: Volume, array: np.ndarray, linear: bool = True) -> np.ndarray:
+    """Map a model-grid array ``(z, H, W)`` back onto ``vol``'s grid ``(z, y, x)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 array shaped like ``vol.array``.
+    """
+    import SimpleITK as sitk
+
+    size = tuple(array.shape[1:])
+    if size == vol.shape[1:]:
+        return array.astype(np.float32, copy=True)
+    spacing, origin = _model_geometry(vol, size)  # type: ignore[arg-type]
+    img = sitk.GetImageFromArray(array.astype(np.float32))
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    img.SetDirection(tuple(vol.direction.reshape(-1)))
+    out = _resample(img, tuple(vol.spacing[::-1]), vol.origin, vol.shape[::-1],
+                    tuple(vol.direction.reshape(-1)), linear)
+    if linear:
+        near = _resample(img, tuple(vol.spacing[::-1]), vol.origin, vol.shape[::-1],
+                         tuple(vol.direction.reshape(-1)), False)
+        edge = out == 0
+        out[edge] = near[edge]
+    return out.astype(np.float32)
+
+
+def preprocess(vol: Volume, cfg: PreprocessConfig) -> Preprocessed:
+    """Foreground, normalisation and resampling to the model grid.
+
+    Parameters
+    ----------
+    vol:
+        Source volume.
+    cfg:
+        Preprocessing configuration.
+
+    Returns
+    -------
+    Preprocessed
+        Model-grid image and foreground, and the source-grid foreground.
+
+    Raises
+    ------
+    PreprocessError
+        When the foreground is empty or the intensity range degenerate.
+    """
+    fg = foreground_mask(vol.array, vol.modality, cfg)
+    norm = normalize(vol.array, fg, vol.modality, cfg)
+    img = to_model_grid(vol, norm, cfg.size, linear=True)
+    fgm = to_model_grid(vol, fg.astype(np.float32), cfg.size, linear=True) > 0.5
+    return Preprocessed(image=img, fg=fgm, fg_source=fg)
+
+
+def context_stack(image: np.ndarray, context: int) -> np.ndarray:
+    """Stack each slice with its ``context`` neighbours as channels.
+
+    Parameters
+    ----------
+    image:
+        ``(z, H, W)`` array.
+    context:
+        Neighbours on each side; edges replicate the end slices.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(z, 2*context+1, H, W)`` array (view-free copy).
+    """
+    z = image.shape[0]
+    idx = np.clip(np.arange(z)[:, None] + np.arange(-context, context + 1)[None, :], 0, z - 1)
+    return image[idx]

@@ -1,0 +1,268 @@
+"""Anomaly scores: reconstruction residuals, baselines and their fusion.
+
+All score maps are computed on the model grid, median-filtered, mapped back
+to the source grid and restricted to the eroded foreground, so the U-Net and
+both baselines go through exactly the same post-processing and calibration.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+__all__ = [
+    "METHODS",
+    "ScoringConfig",
+    "residual_map",
+    "ssim_map",
+    "intensity_outlier",
+    "pixel_zscore",
+    "median_smooth",
+    "fuse",
+    "component_keys",
+    "calibrate_threshold",
+    "to_unit",
+]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("residual", "ssim", "combined", "intensity", "pixel_zscore")
+
+
+@dataclass
+class ScoringConfig:
+    """How a continuous score and a mask are derived (stored in the checkpoint).
+
+    Attributes
+    ----------
+    method:
+        ``"residual"`` (``|x - x̂|``), ``"ssim"`` (``1 - SSIM``) or
+        ``"combined"`` (normalised residual + weighted intensity outlier).
+    median_size:
+        Median filter ``(z, y, x)`` applied on the model grid.
+    erode_mm:
+        Foreground erosion before scoring (excludes the body boundary).
+    target_fpr:
+        Voxel false-positive rate on normal data the threshold is set at.
+    threshold:
+        Calibrated threshold on the raw score (``None`` until calibrated).
+    polarity:
+        Intensity-outlier tail: ``"bright"``, ``"dark"`` or ``"both"``.
+    combine_weight:
+        Weight of the intensity-outlier term in ``"combined"``.
+    scales:
+        Per-component normal 99th percentiles used by ``"combined"``.
+    min_volume_mm3:
+        Connected components smaller than this are discarded.
+    closing, fill_holes:
+        Morphological clean-up of the thresholded mask.
+    calibration:
+        Description of the calibration (data hash, counts, quantile).
+    """
+
+    method: str = "residual"
+    median_size: tuple[int, int, int] = (3, 3, 3)
+    erode_mm: float = 8.0
+    target_fpr: float = 0.005
+    threshold: float | None = None
+    polarity: str = "both"
+    combine_weight: float = 1.0
+    scales: dict[str, float] = field(default_factory=dict)
+    min_volume_mm3: float = 100.0
+    closing: bool = True
+    fill_holes: bool = True
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ScoringConfig":
+        """Inverse of :meth:`to_dict`.
+
+        Raises
+        ------
+        ValueError
+            For an unknown method or polarity.
+        """
+        d = dict(d)
+        if "median_size" in d:
+            d["median_size"] = tuple(d["median_size"])
+        cfg = cls(**d)
+        if cfg.method not in METHODS:
+            raise ValueError(f"unknown scoring method {cfg.method!r}")
+        if cfg.polarity not in ("bright", "dark", "both"):
+            raise ValueError(f"unknown polarity {cfg.polarity!r}")
+        return cfg
+
+
+def residual_map(x: np.ndarray, recon: np.ndarray) -> np.ndarray:
+    """Absolute residual ``|x - recon|`` (float32)."""
+    return np.abs(x.astype(np.float32) - recon.astype(np.float32))
+
+
+def ssim_map(x: np.ndarray, recon: np.ndarray, sigma: float = 1.5, data_range: float = 1.0) -> np.ndarray:
+    """``1 - SSIM`` per pixel with a Gaussian window, slice by slice (in-plane).
+
+    Parameters
+    ----------
+    x, recon:
+        ``(z, H, W)`` arrays.
+    sigma:
+        Gaussian window in pixels.
+    data_range:
+        Dynamic range used for the stabilising constants.
+
+    Returns
+    -------
+    numpy.ndarray
+        Dissimilarity in ``[0, 2]``; 0 where identical.
+    """
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = (0, sigma, sigma)
+    a, b = x.astype(np.float64), recon.astype(np.float64)
+    mu_a, mu_b = ndi.gaussian_filter(a, s), ndi.gaussian_filter(b, s)
+    va = ndi.gaussian_filter(a * a, s) - mu_a**2
+    vb = ndi.gaussian_filter(b * b, s) - mu_b**2
+    cov = ndi.gaussian_filter(a * b, s) - mu_a * mu_b
+    ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2))
+    return (1.0 - ssim).astype(np.float32)
+
+
+def _tail(z: np.ndarray, polarity: str) -> np.ndarray:
+    if polarity == "bright":
+        return np.maximum(z, 0.0)
+    if polarity == "dark":
+        return np.maximum(-z, 0.0)
+    if polarity == "both":
+        return np.abs(z)
+    raise ValueError(f"unknown polarity {polarity!r}")
+
+
+def intensity_outlier(x: np.ndarray, region: np.ndarray, polarity: str = "both") -> np.ndarray:
+    """Baseline (a): robust z-score of the normalised image within one study.
+
+    Parameters
+    ----------
+    x:
+        Normalised image.
+    region:
+        Voxels the median and MAD are computed on (eroded foreground).
+    polarity:
+        Which tail counts as anomalous.
+
+    Returns
+    -------
+    numpy.ndarray
+        Non-negative score, 0 outside ``region``.
+
+    Raises
+    ------
+    ValueError
+        For an empty region or unknown polarity.
+    """
+    vals = x[region]
+    if vals.size == 0:
+        raise ValueError("empty region for the intensity outlier score")
+    med = float(np.median(vals))
+    mad = 1.4826 * float(np.median(np.abs(vals - med)))
+    z = (x - med) / max(mad, 1e-6)
+    return (_tail(z, polarity) * region).astype(np.float32)
+
+
+def pixel_zscore(x: np.ndarray, mean: np.ndarray, std: np.ndarray, polarity: str = "both",
+                 std_floor: float = 0.02) -> np.ndarray:
+    """Baseline (b): per-pixel z-score against normal training statistics.
+
+    ``mean``/``std`` are atlases shaped like ``x`` (``(z, H, W)``, slices
+    already mapped by relative position).
+    """
+    z = (x - mean) / np.maximum(std, std_floor)
+    return _tail(z, polarity).astype(np.float32)
+
+
+def median_smooth(score: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
+    """Median filter (no-op for size 1)."""
+    if all(s <= 1 for s in size):
+        return score
+    return ndi.median_filter(score, size=size, mode="nearest")
+
+
+def fuse(components: dict[str, np.ndarray], cfg: ScoringConfig) -> np.ndarray:
+    """Final score for ``cfg.method`` from the component maps.
+
+    Raises
+    ------
+    ValueError
+        When a needed component or scale is missing.
+    """
+    m = cfg.method
+    keys = component_keys(cfg)
+    for k in keys:
+        if k not in components:
+            raise ValueError(f"component {k!r} not computed")
+    if m != "combined":
+        return components[keys[0]]
+    try:
+        sr, si = cfg.scales[keys[0]], cfg.scales[keys[1]]
+    except KeyError:
+        raise ValueError("combined scoring needs calibrated scales for residual and intensity") from None
+    return (components[keys[0]] / max(sr, 1e-9) + cfg.combine_weight * components[keys[1]] / max(si, 1e-9)).astype(np.float32)
+
+
+def component_keys(cfg: ScoringConfig) -> list[str]:
+    """Component maps ``cfg.method`` needs (``"intensity:<polarity>"`` style keys).
+
+    Raises
+    ------
+    ValueError
+        For an unknown method.
+    """
+    m = cfg.method
+    if m in ("residual", "ssim"):
+        return [m]
+    if m in ("intensity", "pixel_zscore"):
+        return [f"{m}:{cfg.polarity}"]
+    if m == "combined":
+        return ["residual", f"intensity:{cfg.polarity}"]
+    raise ValueError(f"unknown scoring method {m!r}")
+
+
+def calibrate_threshold(normal_scores: np.ndarray, target_fpr: float) -> float:
+    """Threshold at the ``1 - target_fpr`` quantile of normal voxel scores.
+
+    Parameters
+    ----------
+    normal_scores:
+        Scores of voxels in normal studies (inside the scoring region).
+    target_fpr:
+        Desired voxel false-positive rate, in ``(0, 1)``.
+
+    Returns
+    -------
+    float
+        Threshold ``t`` such that about ``target_fpr`` of normal voxels have
+        a score strictly above ``t``.
+
+    Raises
+    ------
+    ValueError
+        For an empty sample or a rate outside ``(0, 1)``.
+    """
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError("target_fpr must be in (0, 1)")
+    s = np.asarray(normal_scores, dtype=np.float64).ravel()
+    if s.size == 0:
+        raise ValueError("no normal scores to calibrate on")
+    t = float(np.quantile(s, 1.0 - target_fpr, method="higher"))
+    return max(t, 1e-12)
+
+
+def to_unit(score: np.ndarray, threshold: float) -> np.ndarray:
+    """Anomaly map in 0..1 with the threshold at 0.5: ``clip(score / (2 t), 0, 1)``."""
+    return np.clip(score / (2.0 * threshold), 0.0, 1.0).astype(np.float32)
