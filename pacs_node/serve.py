@@ -9,6 +9,7 @@ after its file and row are durable.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from collections.abc import Callable
 
@@ -75,21 +76,32 @@ class NodeServer:
         self._assembler_thread.start()
 
     def run_forever(self) -> None:
-        """Run until SIGTERM/SIGINT (uvicorn owns the signal handlers)."""
-        self.dimse.start()
-        self._start_assembler()
-        logger.info(
-            "pacs-node serving: DICOM %s@%s:%d, HTTP http://%s:%d",
-            self.node.settings.dicom.ae_title,
-            self.node.settings.dicom.host,
-            self.dimse.port,
-            self.node.settings.http.host,
-            self.node.settings.http.port,
-        )
+        """Run until SIGTERM/SIGINT, then stop everything cleanly."""
+        shutdown = threading.Event()
+
+        def on_signal(signum: int, _frame: object) -> None:
+            logger.info("received %s, shutting down", signal.Signals(signum).name)
+            shutdown.set()
+
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self.http.run()
+            self.start_background()
+            logger.info(
+                "pacs-node serving: DICOM %s@%s:%d, HTTP http://%s:%d",
+                self.node.settings.dicom.ae_title,
+                self.node.settings.dicom.host,
+                self.dimse.port,
+                self.node.settings.http.host,
+                self.http_port,
+            )
+            while not shutdown.wait(0.5):
+                if self._http_thread is not None and not self._http_thread.is_alive():
+                    logger.error("HTTP server stopped unexpectedly")
+                    break
         finally:
             self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def stop(self) -> None:
         self.http.should_exit = True

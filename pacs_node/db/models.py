@@ -28,7 +28,18 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["UTCDateTime", "Base", "Instance", "Job", "JobEvent", "Series", "Study", "utcnow"]
+__all__ = [
+    "Base",
+    "DeliveryAttempt",
+    "Instance",
+    "Job",
+    "JobEvent",
+    "Output",
+    "Series",
+    "Study",
+    "UTCDateTime",
+    "utcnow",
+]
 
 UID = String(64)
 NAMING = {
@@ -178,6 +189,12 @@ class Job(Base):
     events: Mapped[list[JobEvent]] = relationship(
         back_populates="job", order_by="JobEvent.id", cascade="all, delete-orphan"
     )
+    outputs: Mapped[list[Output]] = relationship(
+        back_populates="job", order_by="Output.id", cascade="all, delete-orphan"
+    )
+    deliveries: Mapped[list[DeliveryAttempt]] = relationship(
+        back_populates="job", order_by="DeliveryAttempt.id", cascade="all, delete-orphan"
+    )
 
     __table_args__ = (UniqueConstraint("study_id", "study_version", name="uq_jobs_study_version"),)
 
@@ -196,3 +213,53 @@ class JobEvent(Base):
     host: Mapped[str | None] = mapped_column(String(255))
 
     job: Mapped[Job] = relationship(back_populates="events")
+
+
+class Output(Base):
+    """A DICOM object the node produced for a job (SEG, SR, map, overlay).
+
+    UIDs are derived from job id + kind + model version, so re-running a job
+    replaces its outputs (same SOP Instance UIDs) instead of duplicating them.
+    ``path`` is relative to the node's output directory.
+    """
+
+    __tablename__ = "outputs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # seg | sr | map | overlay
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(String(255))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    validation: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="outputs")
+
+
+class DeliveryAttempt(Base):
+    """One attempt to send a job's outputs to one destination.
+
+    ``status`` is ``success``, ``partial`` (some instances refused),
+    ``refused`` or ``error`` (destination unreachable, timeout...).
+    ``status_code`` is the DIMSE status or HTTP code of the attempt and
+    ``details`` holds the status of each instance.
+    """
+
+    __tablename__ = "delivery_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    attempt: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column()
+
+    job: Mapped[Job] = relationship(back_populates="deliveries")

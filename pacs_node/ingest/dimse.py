@@ -193,8 +193,15 @@ class DimseServer:
             server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()
-        server.server_close()
+        running = []
         for assoc in list(server.active_associations):
-            assoc.join(timeout=10)
+            if assoc.is_established:
+                running.append(assoc)
+            else:  # a connection that never sent A-ASSOCIATE-RQ (port probe)
+                assoc.abort()
+        if running:
+            logger.info("waiting for %d running association(s) to finish", len(running))
+        server.shutdown()  # stops accepting; joins the association threads
+        for assoc in running:
+            assoc.join(timeout=self.settings.network_timeout)
         logger.info("DIMSE SCP stopped")
