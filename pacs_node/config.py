@@ -133,6 +133,21 @@ class QueueSettings(BaseModel):
     gpu_queue: str = "gpu"
     io_queue: str = "io"
     start_worker: bool = True
+    # A running job holds a lease the worker renews every heartbeat; when it
+    # expires (worker killed, host lost) the node queues the job again.
+    lease_seconds: float = Field(default=60.0, gt=0)
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    # Soft / hard time limits of the GPU task (seconds).
+    task_soft_time_limit: float = Field(default=1800.0, gt=0)
+    task_time_limit: float = Field(default=2100.0, gt=0)
+    # Worker concurrency per process (1 per GPU for the gpu queue).
+    worker_concurrency: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _check_lease(self) -> "QueueSettings":
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError("heartbeat_seconds must be smaller than lease_seconds")
+        return self
 
 
 class StudySettings(BaseModel):

@@ -60,7 +60,7 @@ def test_job_created_once_after_quiet_period(node: Node) -> None:
     assert job.study_version == 1 and "stable" in (job.reason or "")
     with node.db.sessionmaker() as s:
         events = list(s.execute(select(JobEvent).where(JobEvent.job_id == job.id)).scalars())
-    assert [(e.from_state, e.to_state) for e in events] == [(None, "queued")]
+    assert [(e.from_state, e.to_state) for e in events] == [(None, "received"), ("received", "queued")]
 
 
 def test_late_instances_make_a_new_version(node: Node) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import free_port, require_tool, tcp_open
+from nodetest import free_port, require_tool, tcp_open
 from dicom_factory import make_study, to_bytes, write_files
 
 NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}

@@ -18,7 +18,7 @@ from pydicom.uid import JPEGBaseline8Bit, RLELossless, generate_uid
 from pynetdicom import AE
 from sqlalchemy import func, select
 
-from conftest import require_tool
+from nodetest import require_tool
 from dicom_factory import make_instance, make_study, to_bytes, write_files
 from pacs_node.db.models import Instance, Series, Study
 from pacs_node.ingest.dimse import DimseServer
@@ -296,7 +296,7 @@ def test_labelmap_seg_is_supported(scp: DimseServer) -> None:
 
 
 def test_refused_calling_and_called_ae(tmp_path: Path, sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    from conftest import make_settings
+    from nodetest import make_settings
 
     settings = make_settings(tmp_path, sqlite_url, dicom__allowed_calling_aets='["GOODPACS"]')
     node = Node.from_settings(settings, migrate=True)

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from conftest import free_port, make_settings
+from nodetest import free_port, make_settings
 from dicom_factory import make_instance, make_study, to_bytes
 from pacs_node.api.app import create_app
 from pacs_node.db.models import Instance

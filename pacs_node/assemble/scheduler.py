@@ -22,13 +22,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from pacs_node.config import StudySettings
-from pacs_node.db.models import Job, Series, Study, utcnow
+from pacs_node.db.models import Series, Study, utcnow
 from pacs_node.db.session import Database
-from pacs_node.jobs.states import JobState, record_created
+from pacs_node.jobs.actions import create_job
+from pacs_node.jobs.routing import RoutingRule
 
 __all__ = ["StudyAssembler"]
 
@@ -59,6 +60,8 @@ class StudyAssembler:
         issue's enqueue step hooks in here).
     clock:
         Returns the current UTC time; tests pass a fake clock.
+    rules:
+        Routing rules (default: analyse CT and MR studies).
     """
 
     def __init__(
@@ -68,11 +71,13 @@ class StudyAssembler:
         *,
         on_job_created: JobCreated | None = None,
         clock: Callable[[], dt.datetime] = utcnow,
+        rules: list[RoutingRule] | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
         self.on_job_created = on_job_created
         self.clock = clock
+        self.rules = rules or [RoutingRule()]
         self._patterns = [re.compile(p, re.IGNORECASE) for p in settings.required_series]
 
     # -- one step -----------------------------------------------------------------
@@ -139,26 +144,7 @@ class StudyAssembler:
                     return None
                 study = s.get(Study, cand.study_id)
                 assert study is not None
-                n_series = s.execute(
-                    select(func.count(Series.id)).where(Series.study_id == study.id)
-                ).scalar_one()
-                now = utcnow()
-                job = Job(
-                    study_id=study.id,
-                    study_version=cand.version,
-                    state=JobState.QUEUED.value,
-                    reason=reason,
-                    instance_count=study.num_instances,
-                    series_count=n_series,
-                    created_at=now,
-                    updated_at=now,
-                    queued_at=now,
-                    timings={},
-                    findings={},
-                )
-                s.add(job)
-                s.flush()
-                record_created(s, job, f"created: {reason} ({study.num_instances} instances, {n_series} series)")
+                job = create_job(s, study, cand.version, reason, self.rules)
                 job_id = job.id
         except IntegrityError:
             # Another process created this version's job first.

@@ -184,6 +184,11 @@ class Job(Base):
     timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     findings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     study_score: Mapped[float | None] = mapped_column(Float)
+    # Outbox and lease: enqueued_at is set once the broker accepted the task;
+    # a running job whose lease expired (worker lost) is queued again.
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column()
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column()
+    source_series_uid: Mapped[str | None] = mapped_column(UID)
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     events: Mapped[list[JobEvent]] = relationship(
