@@ -209,6 +209,7 @@ class Settings(BaseSettings):
     destinations: list[dict[str, Any]] = Field(default_factory=list)
     sources: list[dict[str, Any]] = Field(default_factory=list)
     routing: list[dict[str, Any]] = Field(default_factory=list)
+    worker: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
     def settings_customise_sources(

@@ -1,17 +1,24 @@
-"""``pacs-node serve``: DIMSE SCP + HTTP API + study assembler in one process.
+"""``pacs-node serve``: DIMSE SCP + HTTP API + study assembler + job
+supervisor in one process, plus (by default) a local worker process fed by
+the embedded queue.
 
-Stopping (SIGTERM / Ctrl-C): uvicorn stops taking requests, the SCP stops
-accepting associations and waits for running ones, the assembler finishes its
-tick. Nothing acknowledged is lost: an instance is answered with success only
-after its file and row are durable.
+Stopping (SIGTERM / Ctrl-C): the SCP stops accepting associations and waits
+for running ones, uvicorn stops, the service loop finishes its tick, the
+worker gets SIGTERM (Celery's warm shutdown). Nothing acknowledged is lost:
+an instance is answered with success only after its file and row are
+durable, and a job interrupted in a worker is queued again by its lease.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
+import sys
 import threading
-from collections.abc import Callable
+import time
+from pathlib import Path
 
 import uvicorn
 
@@ -19,11 +26,68 @@ from pacs_node.api.app import create_app
 from pacs_node.assemble.scheduler import StudyAssembler
 from pacs_node.config import Settings
 from pacs_node.ingest.dimse import DimseServer
+from pacs_node.jobs.actions import enqueue
+from pacs_node.jobs.routing import parse_rules
+from pacs_node.jobs.supervisor import JobSupervisor
 from pacs_node.node import Node
+from pacs_node.queue import CeleryDispatcher, Dispatcher
 
-__all__ = ["NodeServer", "serve"]
+__all__ = ["NodeServer", "WorkerProcess", "serve"]
 
 logger = logging.getLogger(__name__)
+
+
+class WorkerProcess:
+    """A ``pacs-node worker`` child process, restarted if it dies.
+
+    Parameters
+    ----------
+    config_file:
+        Passed to the child with ``--config`` (None: the child reads the
+        same defaults and environment as the parent).
+    queues:
+        Queues the child consumes.
+    """
+
+    def __init__(self, config_file: str | None, queues: str = "gpu,io", log_file: Path | None = None) -> None:
+        self.config_file = config_file
+        self.queues = queues
+        self.log_file = log_file
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._restarts = 0
+        self._next_start = 0.0
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "pacs_node"]
+        if self.config_file:
+            cmd += ["--config", os.path.abspath(self.config_file)]
+        cmd += ["worker", "--queues", self.queues]
+        out = self.log_file.open("ab") if self.log_file else None
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None)
+        logger.info("worker process %d started (queues %s)", self.proc.pid, self.queues)
+
+    def check(self) -> None:
+        """Restart the worker (with back-off) if it exited."""
+        if self.proc is None or self.proc.poll() is None:
+            return
+        now = time.monotonic()
+        if now < self._next_start:
+            return
+        logger.error("worker process exited with %s; restarting", self.proc.returncode)
+        self._restarts += 1
+        self._next_start = now + min(60.0, 2.0 ** min(self._restarts, 6))
+        self.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("worker did not stop in %.0f s; killing it (its job will be re-queued)", timeout)
+            self.proc.kill()
+            self.proc.wait()
 
 
 class NodeServer:
@@ -33,17 +97,29 @@ class NodeServer:
     ----------
     node:
         The assembled node.
-    on_job_created:
-        Hook called with each new job id after commit.
+    dispatcher:
+        Enqueues tasks (default: Celery on the configured broker).
+    worker:
+        A local worker process to run alongside (``serve`` with the
+        embedded defaults); None when workers run elsewhere.
     """
 
-    def __init__(self, node: Node, *, on_job_created: Callable[[int], None] | None = None) -> None:
+    def __init__(self, node: Node, *, dispatcher: Dispatcher | None = None,
+                 worker: WorkerProcess | None = None) -> None:
         self.node = node
+        self.dispatcher: Dispatcher = dispatcher or CeleryDispatcher(node.settings)
+        self.worker = worker
         self.dimse = DimseServer(node.settings.dicom, node.ingestor)
-        self.assembler = StudyAssembler(node.db, node.settings.study, on_job_created=on_job_created)
-        self.app = create_app(node)
+        self.assembler = StudyAssembler(
+            node.db,
+            node.settings.study,
+            on_job_created=lambda job_id: enqueue(node.db, self.dispatcher, job_id) and None,
+            rules=parse_rules(node.settings.routing),
+        )
+        self.supervisor = JobSupervisor(node.db, self.dispatcher)
+        self.app = create_app(node, dispatcher=self.dispatcher)
         self._stop = threading.Event()
-        self._assembler_thread: threading.Thread | None = None
+        self._loop_thread: threading.Thread | None = None
         http = node.settings.http
         self.http = uvicorn.Server(
             uvicorn.Config(self.app, host=http.host, port=http.port, log_config=None, access_log=False)
@@ -52,28 +128,41 @@ class NodeServer:
 
     @property
     def http_port(self) -> int:
-        servers = getattr(self.http, "servers", [])
-        for srv in servers:
+        for srv in getattr(self.http, "servers", []):
             for sock in srv.sockets:
                 return int(sock.getsockname()[1])
         return self.node.settings.http.port
 
+    def tick(self) -> None:
+        """One pass of the service loop: assemble studies, supervise jobs."""
+        self.assembler.tick()
+        self.supervisor.tick()
+        if self.worker is not None:
+            self.worker.check()
+
+    def _loop(self) -> None:
+        interval = self.node.settings.study.scheduler_interval_seconds
+        logger.info("service loop running (studies stable after %g s)", self.node.settings.study.stable_seconds)
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - keep the loop alive; the database may come back
+                logger.exception("service loop tick failed")
+            self._stop.wait(interval)
+
     def start_background(self) -> None:
         """Start everything in threads (tests); :meth:`stop` ends them."""
         self.dimse.start()
-        self._start_assembler()
+        if self.worker is not None:
+            self.worker.start()
+        self._loop_thread = threading.Thread(target=self._loop, name="services", daemon=True)
+        self._loop_thread.start()
         self._http_thread = threading.Thread(target=self.http.run, name="http", daemon=True)
         self._http_thread.start()
         while not self.http.started:
             if not self._http_thread.is_alive():
                 raise RuntimeError("HTTP server failed to start")
-            threading.Event().wait(0.02)
-
-    def _start_assembler(self) -> None:
-        self._assembler_thread = threading.Thread(
-            target=self.assembler.run, args=(self._stop,), name="assembler", daemon=True
-        )
-        self._assembler_thread.start()
+            time.sleep(0.02)
 
     def run_forever(self) -> None:
         """Run until SIGTERM/SIGINT, then stop everything cleanly."""
@@ -86,13 +175,10 @@ class NodeServer:
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start_background()
+            s = self.node.settings
             logger.info(
                 "pacs-node serving: DICOM %s@%s:%d, HTTP http://%s:%d",
-                self.node.settings.dicom.ae_title,
-                self.node.settings.dicom.host,
-                self.dimse.port,
-                self.node.settings.http.host,
-                self.http_port,
+                s.dicom.ae_title, s.dicom.host, self.dimse.port, s.http.host, self.http_port,
             )
             while not shutdown.wait(0.5):
                 if self._http_thread is not None and not self._http_thread.is_alive():
@@ -104,20 +190,24 @@ class NodeServer:
                 signal.signal(sig, handler)
 
     def stop(self) -> None:
-        self.http.should_exit = True
         self.dimse.stop()
+        self.http.should_exit = True
         self._stop.set()
-        if self._assembler_thread is not None:
-            self._assembler_thread.join(timeout=30)
-        if self._http_thread is not None:
-            self._http_thread.join(timeout=30)
+        for t in (self._loop_thread, self._http_thread):
+            if t is not None:
+                t.join(timeout=30)
+        if self.worker is not None:
+            self.worker.stop()
         logger.info("pacs-node stopped")
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, config_file: str | None = None) -> int:
     node = Node.from_settings(settings)
+    worker = None
+    if settings.queue.start_worker:
+        worker = WorkerProcess(config_file, log_file=None)
     try:
-        NodeServer(node).run_forever()
+        NodeServer(node, worker=worker).run_forever()
     finally:
         node.close()
     return 0

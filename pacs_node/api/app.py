@@ -16,7 +16,7 @@ __all__ = ["create_app"]
 logger = logging.getLogger(__name__)
 
 
-def create_app(node: Node) -> FastAPI:
+def create_app(node: Node, *, dispatcher: object | None = None) -> FastAPI:
     """Build the HTTP application around an assembled :class:`Node`."""
     app = FastAPI(
         title="pacs-node",
@@ -24,10 +24,14 @@ def create_app(node: Node) -> FastAPI:
         description="PACS-integrated anomaly detection node: DICOMweb ingest, job API.",
     )
     app.state.node = node
+    app.state.dispatcher = dispatcher
 
     from pacs_node.ingest.stow import router as stow_router
 
     app.include_router(stow_router)
+    from pacs_node.api.wado import router as wado_router
+
+    app.include_router(wado_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> JSONResponse:

@@ -21,7 +21,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pacs_node.serve import serve
 
     try:
-        return serve(settings)
+        return serve(settings, getattr(args, "config", None))
     except SchemaOutdatedError as exc:
         return die(str(exc))
     except OSError as exc:

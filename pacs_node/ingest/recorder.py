@@ -25,7 +25,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from pacs_node.db.models import Instance, Series, Study, utcnow
+from pacs_node.db.models import Instance, Output, Series, Study, utcnow
 from pacs_node.db.session import Database
 from pacs_node.ingest.storage import InstanceStore, StorageFullError
 from pacs_node.ingest.uids import InvalidUIDError, check_uid
@@ -324,12 +324,19 @@ class Ingestor:
                 inst.received_at = now
                 logger.info("duplicate instance (identical), count=%d", inst.receive_count)
                 return True
-            # A new instance, or a changed one: it belongs to the pending version.
-            if study.job_version >= study.version:
-                study.version += 1
-                study.version_started_at = now
-            study.last_received_at = now
-            series.last_received_at = now
+            # A new instance, or a changed one: it belongs to the pending
+            # version -- unless it is one of the node's own outputs coming
+            # back (a PACS forwarding the whole study again), which must not
+            # trigger a re-analysis.
+            own_output = s.execute(
+                select(Output.id).where(Output.sop_instance_uid == meta.sop_uid)
+            ).first() is not None
+            if not own_output:
+                if study.job_version >= study.version:
+                    study.version += 1
+                    study.version_started_at = now
+                study.last_received_at = now
+                series.last_received_at = now
             if inst is None:
                 study.num_instances += 1
                 series.num_instances += 1

@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from pacs_node.db.models import Job, Study
-from pacs_node.jobs.schemas import JobDetail, JobEventOut, JobSummary, SeriesSummary, StudySummary
+from pacs_node.jobs.schemas import (
+    DeliveryAttemptOut,
+    JobDetail,
+    JobEventOut,
+    JobSummary,
+    OutputOut,
+    SeriesSummary,
+    StudySummary,
+)
 
 __all__ = ["get_job", "list_jobs", "list_studies"]
 
 
 def _modalities(study: Study) -> list[str]:
     return sorted({s.modality for s in study.series if s.modality})
+
+
+def _findings_count(findings: dict[str, Any] | None) -> int | None:
+    """``findings.count`` (or the number of items); None when absent."""
+    if not findings:
+        return None
+    count = findings.get("count")
+    if isinstance(count, int) and not isinstance(count, bool):
+        return count
+    items = findings.get("items")
+    return len(items) if isinstance(items, list) else None
 
 
 def _summary_fields(job: Job) -> dict[str, object]:
@@ -31,6 +52,10 @@ def _summary_fields(job: Job) -> dict[str, object]:
         finished_at=job.finished_at,
         study_score=job.study_score,
         error=job.error,
+        timings=job.timings or {},
+        findings_count=_findings_count(job.findings),
+        accession_number=job.study.accession_number,
+        source_series_uid=job.source_series_uid,
     )
 
 
@@ -48,10 +73,16 @@ def list_jobs(
 
 
 def get_job(s: Session, job_id: int) -> JobDetail | None:
+    """One job with its events, outputs and delivery attempts; None if absent."""
     job = s.execute(
         select(Job)
         .where(Job.id == job_id)
-        .options(selectinload(Job.study).selectinload(Study.series), selectinload(Job.events))
+        .options(
+            selectinload(Job.study).selectinload(Study.series),
+            selectinload(Job.events),
+            selectinload(Job.outputs),
+            selectinload(Job.deliveries),
+        )
     ).scalar_one_or_none()
     if job is None:
         return None
@@ -61,14 +92,29 @@ def get_job(s: Session, job_id: int) -> JobDetail | None:
         worker_host=job.worker_host,
         queued_at=job.queued_at,
         started_at=job.started_at,
-        timings=job.timings or {},
         findings=job.findings or {},
         events=[JobEventOut.model_validate(e) for e in job.events],
+        outputs=[OutputOut.model_validate(o) for o in job.outputs],
+        deliveries=[
+            DeliveryAttemptOut(
+                id=d.id,
+                destination=d.destination,
+                attempt=d.attempt,
+                status=d.status,
+                status_code=d.status_code,
+                error=d.error,
+                details=d.details or {},
+                started_at=d.started_at,
+                finished_at=d.finished_at,
+            )
+            for d in job.deliveries
+        ],
     )
 
 
-def list_studies(s: Session, *, limit: int = 100) -> list[StudySummary]:
-    q = select(Study).options(selectinload(Study.series)).order_by(Study.id.desc()).limit(limit)
+def list_studies(s: Session, *, limit: int = 100, offset: int = 0) -> list[StudySummary]:
+    """Studies, newest first."""
+    q = select(Study).options(selectinload(Study.series)).order_by(Study.id.desc()).limit(limit).offset(offset)
     out = []
     for st in s.execute(q).scalars():
         out.append(

@@ -5,9 +5,17 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["JobDetail", "JobEventOut", "JobSummary", "SeriesSummary", "StudySummary"]
+__all__ = [
+    "DeliveryAttemptOut",
+    "JobDetail",
+    "JobEventOut",
+    "JobSummary",
+    "OutputOut",
+    "SeriesSummary",
+    "StudySummary",
+]
 
 
 class JobEventOut(BaseModel):
@@ -37,6 +45,45 @@ class JobSummary(BaseModel):
     finished_at: dt.datetime | None
     study_score: float | None
     error: str | None
+    #: Seconds per stage (``queue_wait``, ``load``, ``inference``, ...).
+    timings: dict[str, Any] = Field(default_factory=dict)
+    #: Number of findings (``findings.count``); None before the job ran.
+    findings_count: int | None = None
+    accession_number: str | None = None
+    source_series_uid: str | None = None
+
+
+class OutputOut(BaseModel):
+    """A DICOM object produced for a job (``path`` relative to the outputs directory)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    path: str
+    size_bytes: int
+    sha256: str
+    validation: str | None
+    created_at: dt.datetime
+
+
+class DeliveryAttemptOut(BaseModel):
+    """One attempt to send a job's outputs to one destination."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    destination: str
+    attempt: int
+    status: str
+    status_code: int | None
+    error: str | None
+    details: dict[str, Any]
+    started_at: dt.datetime
+    finished_at: dt.datetime | None
 
 
 class JobDetail(JobSummary):
@@ -44,9 +91,10 @@ class JobDetail(JobSummary):
     worker_host: str | None
     queued_at: dt.datetime | None
     started_at: dt.datetime | None
-    timings: dict[str, Any]
     findings: dict[str, Any]
     events: list[JobEventOut]
+    outputs: list[OutputOut] = Field(default_factory=list)
+    deliveries: list[DeliveryAttemptOut] = Field(default_factory=list)
 
 
 class SeriesSummary(BaseModel):

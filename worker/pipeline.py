@@ -1,0 +1,311 @@
+"""The worker's steps for one job: fetch -> infer -> build SEG/SR -> record,
+then deliver. Plain functions taking a :class:`WorkerContext` and a job id, so
+the Celery tasks (``worker.tasks``) stay thin and tests can call the steps.
+
+Idempotence: a step only runs after it atomically claimed the job in SQL
+(:mod:`pacs_node.jobs.lease`); a re-delivered task for a finished step finds
+nothing to claim and returns. Output UIDs are derived from job id + kind +
+model version, so re-running a job replaces its results.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from pacs_node.config import Settings
+from pacs_node.db.models import Job, Output, Study, utcnow
+from pacs_node.db.session import Database
+from pacs_node.jobs import lease
+from pacs_node.jobs.states import JobState, transition
+from pacs_node.queue import CeleryDispatcher, Dispatcher
+from worker.fetch import FetchError, SeriesFiles, fetch_series_remote, fetch_series_shared
+from worker.settings import WorkerSettings
+
+__all__ = ["PermanentJobError", "TransientJobError", "WorkerContext", "deliver", "process"]
+
+logger = logging.getLogger(__name__)
+
+
+class TransientJobError(RuntimeError):
+    """Worth retrying (database, network or broker hiccup)."""
+
+
+class PermanentJobError(RuntimeError):
+    """Retrying cannot help (bad series, bad model, invalid output)."""
+
+
+@dataclass
+class WorkerContext:
+    """Per-process state: settings, database, loaded models (once per process)."""
+
+    settings: Settings
+    worker: WorkerSettings
+    db: Database
+    dispatcher: Dispatcher
+    host: str = field(default_factory=socket.gethostname)
+    _predictors: dict[str, Any] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def create(cls, settings: Settings) -> WorkerContext:
+        return cls(
+            settings=settings,
+            worker=WorkerSettings.from_settings(settings),
+            db=Database(settings.database.url),
+            dispatcher=CeleryDispatcher(settings),
+        )
+
+    def predictor(self, profile: str | None) -> Any:
+        """The predictor of a model profile, loaded once per process."""
+        from worker.engine.predictor import Predictor
+
+        path, device, batch_size, amp = self.worker.model_for(profile)
+        key = str(path)
+        with self._lock:
+            if key not in self._predictors:
+                t0 = time.perf_counter()
+                self._predictors[key] = Predictor.from_checkpoint(path, device=device, batch_size=batch_size, amp=amp)
+                logger.info("model %s loaded in %.2f s", Path(path).name, time.perf_counter() - t0)
+            return self._predictors[key]
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.worker.outputs_dir
+
+
+class _Heartbeat:
+    """Renews a job's lease in the background while a step runs."""
+
+    def __init__(self, ctx: WorkerContext, job_id: int, state: JobState) -> None:
+        self.ctx, self.job_id, self.state = ctx, job_id, state
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    def _run(self) -> None:
+        q = self.ctx.settings.queue
+        while not self._stop.wait(q.heartbeat_seconds):
+            try:
+                lease.renew(self.ctx.db, self.job_id, state=self.state, lease_seconds=q.lease_seconds)
+            except Exception:  # noqa: BLE001 - the next beat tries again
+                logger.warning("job %d: lease renewal failed", self.job_id, exc_info=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _fail(ctx: WorkerContext, job_id: int, message: str) -> None:
+    with ctx.db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.state not in (JobState.RUNNING.value, JobState.DELIVERING.value):
+            return
+        job.error = message[:2000]
+        job.lease_expires_at = None
+        transition(s, job, JobState.FAILED, message[:500], host=ctx.host)
+
+
+def _requeue(ctx: WorkerContext, job_id: int, message: str) -> None:
+    """Give a running job back to the queue before a task retry."""
+    with ctx.db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.state != JobState.RUNNING.value:
+            return
+        job.lease_expires_at = None
+        job.error = message[:2000]
+        transition(s, job, JobState.QUEUED, f"transient error, retrying: {message[:300]}", host=ctx.host)
+
+
+def process(ctx: WorkerContext, job_id: int) -> str:
+    """Run inference for a queued job and build its outputs.
+
+    Returns
+    -------
+    str
+        ``"not-claimed"`` when another worker has the job or it is finished,
+        ``"delivering"`` when outputs were recorded and delivery was enqueued.
+
+    Raises
+    ------
+    TransientJobError
+        After giving the job back to the queue; the task retries it.
+    """
+    q = ctx.settings.queue
+    if not lease.claim(ctx.db, job_id, from_state=JobState.QUEUED, to_state=JobState.RUNNING,
+                       host=ctx.host, lease_seconds=q.lease_seconds, message=f"started on {ctx.host}"):
+        return "not-claimed"
+    try:
+        with _Heartbeat(ctx, job_id, JobState.RUNNING):
+            _process_claimed(ctx, job_id)
+    except PermanentJobError as exc:
+        logger.error("job %d failed: %s", job_id, exc)
+        _fail(ctx, job_id, str(exc))
+        return "failed"
+    except TransientJobError as exc:
+        logger.warning("job %d: transient error: %s", job_id, exc)
+        _requeue(ctx, job_id, str(exc))
+        raise
+    except Exception as exc:  # noqa: BLE001 - unexpected: fail with the reason, keep the trace in the log
+        logger.exception("job %d failed unexpectedly", job_id)
+        _fail(ctx, job_id, f"unexpected error: {exc.__class__.__name__}: {exc}")
+        return "failed"
+    try:
+        ctx.dispatcher.enqueue_delivery(job_id)
+        with ctx.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is not None:
+                job.enqueued_at = utcnow()
+    except Exception as exc:  # noqa: BLE001 - the supervisor re-enqueues (enqueued_at stays NULL)
+        logger.warning("job %d: could not enqueue delivery (%s); the node will retry", job_id, exc)
+    return "delivering"
+
+
+def _process_claimed(ctx: WorkerContext, job_id: int) -> None:
+    from worker.engine.dicom_io import SeriesError, load_series
+
+    timings: dict[str, float] = {}
+    with ctx.db.sessionmaker() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        study = s.get(Study, job.study_id)
+        assert study is not None
+        study_uid, series_uid, profile = study.study_instance_uid, job.source_series_uid, job.model_profile
+        if job.queued_at is not None and job.started_at is not None:
+            timings["queue_wait"] = max(0.0, (job.started_at - job.queued_at).total_seconds())
+    if not series_uid:
+        raise PermanentJobError("job has no source series (routing did not choose one)")
+
+    t0 = time.perf_counter()
+    try:
+        predictor = ctx.predictor(profile)
+    except FileNotFoundError as exc:
+        raise PermanentJobError(f"model not found: {exc}") from None
+    except ValueError as exc:  # CheckpointError and bad settings
+        raise PermanentJobError(f"model cannot be loaded: {exc}") from None
+    files = _fetch(ctx, study_uid, series_uid)
+    with files:
+        try:
+            volume, _ = load_series(files.paths)
+        except SeriesError as exc:
+            raise PermanentJobError(f"source series cannot be read: {exc}") from None
+        timings["load"] = time.perf_counter() - t0
+        prediction = predictor.predict(volume)
+        timings["inference"] = float(prediction.timings.get("preprocess", 0.0) + prediction.timings.get("inference", 0.0))
+        timings["postprocess"] = float(prediction.timings.get("postprocess", 0.0))
+        t1 = time.perf_counter()
+        built = _build(ctx, job_id, files.paths, prediction, predictor)
+        timings["build"] = time.perf_counter() - t1
+    findings = {
+        "count": len(prediction.findings),
+        "threshold": float(prediction.threshold),
+        "model": {"name": predictor.model_name, "version": predictor.model_version, "checksum": predictor.checksum},
+        "items": [
+            {
+                "label": int(f.label),
+                "volume_mm3": round(float(f.volume_mm3), 3),
+                "centroid": [round(float(c), 3) for c in f.centroid_patient],
+                "bbox_zyx": [int(v) for v in f.bbox_zyx],
+                "max_score": round(float(f.max_score), 5),
+                "mean_score": round(float(f.mean_score), 5),
+                "voxel_count": int(f.voxel_count),
+            }
+            for f in prediction.findings
+        ],
+    }
+    with ctx.db.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        _record_outputs(s, job, built)
+        job.findings = findings
+        job.study_score = float(prediction.study_score)
+        job.timings = {**(job.timings or {}), **{k: round(v, 4) for k, v in timings.items()}}
+        job.error = None
+        job.enqueued_at = None
+        job.lease_expires_at = None  # the delivery step takes its own lease
+        transition(s, job, JobState.DELIVERING,
+                   f"{len(prediction.findings)} finding(s), {len(built)} output(s) built", host=ctx.host)
+
+
+def _fetch(ctx: WorkerContext, study_uid: str, series_uid: str) -> SeriesFiles:
+    try:
+        if ctx.worker.storage == "remote":
+            return fetch_series_remote(ctx.worker.node_url, study_uid, series_uid, token=ctx.worker.node_token)
+        return fetch_series_shared(ctx.db, ctx.settings.storage.root, series_uid)
+    except FetchError as exc:
+        if exc.transient:
+            raise TransientJobError(str(exc)) from None
+        raise PermanentJobError(str(exc)) from None
+
+
+def _build(ctx: WorkerContext, job_id: int, paths: list[Path], prediction: Any, predictor: Any) -> list[Any]:
+    """Build, validate and write the outputs; returns the written outputs."""
+    from worker.outputs.build import build_job_outputs
+    from worker.outputs.validate import OutputValidationError
+
+    try:
+        return list(build_job_outputs(
+            job_id=job_id,
+            source_paths=paths,
+            prediction=prediction,
+            predictor=predictor,
+            settings=ctx.settings,
+            out_dir=ctx.outputs_dir / str(job_id),
+        ))
+    except OutputValidationError as exc:
+        raise PermanentJobError(f"output failed validation: {exc}") from None
+
+
+def _record_outputs(s: Any, job: Job, built: list[Any]) -> None:
+    """Upsert Output rows (same SOP Instance UID on a re-run: replaced)."""
+    keep = {b.sop_instance_uid for b in built}
+    for old in list(job.outputs):
+        if old.sop_instance_uid not in keep:
+            s.delete(old)
+    existing = {o.sop_instance_uid: o for o in job.outputs}
+    for b in built:
+        row = existing.get(b.sop_instance_uid) or s.execute(
+            select(Output).where(Output.sop_instance_uid == b.sop_instance_uid)
+        ).scalar_one_or_none()
+        if row is None:
+            row = Output(job_id=job.id, sop_instance_uid=b.sop_instance_uid)
+            s.add(row)
+        row.job_id = job.id
+        row.kind = b.kind
+        row.sop_class_uid = b.sop_class_uid
+        row.series_instance_uid = b.series_instance_uid
+        row.path = b.relpath
+        row.size_bytes = b.size_bytes
+        row.sha256 = b.sha256
+        row.validation = b.validation
+        row.created_at = utcnow()
+
+
+def deliver(ctx: WorkerContext, job_id: int, *, sleep: Any = time.sleep) -> str:
+    """Send a job's outputs to every destination (``delivering`` -> ``done``
+    or ``delivery_failed``). Returns the resulting state or ``not-claimed``."""
+    from worker.deliver.service import deliver_job
+
+    q = ctx.settings.queue
+    if not lease.claim(ctx.db, job_id, from_state=JobState.DELIVERING, to_state=JobState.DELIVERING,
+                       host=ctx.host, lease_seconds=q.lease_seconds, message=f"delivery started on {ctx.host}"):
+        return "not-claimed"
+    t0 = time.perf_counter()
+    with _Heartbeat(ctx, job_id, JobState.DELIVERING):
+        state = deliver_job(ctx.db, job_id, settings=ctx.settings, outputs_dir=ctx.outputs_dir, sleep=sleep)
+    with ctx.db.session() as s:
+        job = s.get(Job, job_id)
+        if job is not None:
+            job.timings = {**(job.timings or {}), "delivery": round(time.perf_counter() - t0, 4)}
+            job.lease_expires_at = None
+    return str(state)
