@@ -75,6 +75,10 @@ min_free_bytes = 0
 [database]
 url = "{db_url}"
 
+[queue]
+# Jobs stay queued: this test checks ingest and assembly, not the worker.
+start_worker = false
+
 [study]
 stable_seconds = 2
 scheduler_interval_seconds = 0.2
@@ -129,7 +133,7 @@ def test_serve_storescu_jobs_list_and_restart(node_config: tuple[Path, int, int]
         time.sleep(1)
         assert len(json.loads(cli(cfg, "jobs", "list", "--json").stdout)) == 2  # still exactly one each
         shown = json.loads(cli(cfg, "jobs", "show", str(job["id"]), "--json").stdout)
-        assert shown["events"][0]["to_state"] == "queued"
+        assert [e["to_state"] for e in shown["events"]] == ["received", "queued"]
         assert "INTRUDER" in (tmp_path / "node.log").read_text()
         assert node.stop() == 0  # SIGTERM stops cleanly
         assert "pacs-node stopped" in (tmp_path / "node.log").read_text()
