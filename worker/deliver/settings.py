@@ -1,0 +1,136 @@
+"""The ``[[destinations]]`` TOML tables, validated.
+
+::
+
+    [[destinations]]
+    name = "pacs"
+    kind = "dimse"            # or "stowrs"
+    host = "pacs.example.org"
+    port = 104
+    ae_title = "PACS"
+    # calling_ae_title = "PACSNODE"   # default: [dicom] ae_title
+
+    [[destinations]]
+    name = "orthanc-web"
+    kind = "stowrs"
+    url = "https://orthanc.example.org/dicom-web"   # POST {url}/studies
+    token = "..."                                   # Authorization: Bearer ...
+    headers = { "X-Tenant" = "radiology" }
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+__all__ = ["DestinationSettings", "load_destinations"]
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _ae(value: str) -> str:
+    if not _AE_RE.match(value) or not value.strip():
+        raise ValueError("must be 1-16 printable characters without backslash")
+    return value.strip()
+
+
+class DestinationSettings(BaseModel):
+    """One destination archive."""
+
+    model_config = {"extra": "forbid"}
+
+    #: Unique name, recorded in ``delivery_attempts.destination``.
+    name: str
+    kind: Literal["dimse", "stowrs"]
+    enabled: bool = True
+
+    # dimse
+    host: str = ""
+    port: int = Field(default=104, ge=1, le=65535)
+    ae_title: str = ""
+    #: Our AE title; default: ``[dicom] ae_title``.
+    calling_ae_title: str | None = None
+    max_pdu_size: int = Field(default=0, ge=0)
+
+    # stowrs
+    #: DICOMweb base URL; instances are POSTed to ``{url}/studies``.
+    url: str = ""
+    headers: dict[str, str] = Field(default_factory=dict)
+    #: Sent as ``Authorization: Bearer <token>``.
+    token: str = ""
+    verify_tls: bool = True
+
+    #: Seconds for connecting and for each network operation.
+    timeout: float = Field(default=30.0, gt=0)
+    #: Attempts per delivery (1 = no retry).
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    #: Wait before retry n (n ≥ 1): backoff_seconds * 2**(n-1), at most max_backoff_seconds.
+    backoff_seconds: float = Field(default=2.0, ge=0)
+    max_backoff_seconds: float = Field(default=300.0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-'")
+        return v
+
+    @field_validator("calling_ae_title")
+    @classmethod
+    def _check_calling(cls, v: str | None) -> str | None:
+        return None if v is None else _ae(v)
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> "DestinationSettings":
+        if self.kind == "dimse":
+            if not self.host:
+                raise ValueError("a dimse destination needs host")
+            self.ae_title = _ae(self.ae_title) if self.ae_title else ""
+            if not self.ae_title:
+                raise ValueError("a dimse destination needs ae_title")
+        else:
+            if not re.match(r"^https?://", self.url):
+                raise ValueError("a stowrs destination needs url (http:// or https://)")
+            self.url = self.url.rstrip("/")
+        return self
+
+    def backoff(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (1 = the first retry)."""
+        return float(min(self.backoff_seconds * 2 ** max(retry - 1, 0), self.max_backoff_seconds))
+
+    def describe(self) -> str:
+        """Where it goes, without secrets (for logs)."""
+        if self.kind == "dimse":
+            return f"{self.name} (DIMSE {self.ae_title}@{self.host}:{self.port})"
+        return f"{self.name} (STOW-RS {self.url})"
+
+
+def load_destinations(raw: list[dict[str, Any]] | None, default_calling_ae_title: str = "PACSNODE") -> list[DestinationSettings]:
+    """Validate ``Settings.destinations``; fill ``calling_ae_title`` from ``[dicom] ae_title``.
+
+    Raises
+    ------
+    ValueError
+        One line naming the destination and key at fault, or a duplicate name.
+    """
+    out: list[DestinationSettings] = []
+    for i, item in enumerate(raw or []):
+        try:
+            dest = DestinationSettings.model_validate(item)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            key = ".".join(str(p) for p in first["loc"]) or "(table)"
+            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+            label = item.get("name", i) if isinstance(item, dict) else i
+            raise ValueError(f"invalid configuration: destinations[{label}].{key}: {msg}") from None
+        if dest.kind == "dimse" and dest.calling_ae_title is None:
+            dest.calling_ae_title = _ae(default_calling_ae_title)
+        out.append(dest)
+    names = [d.name for d in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"invalid configuration: destinations: duplicate name {dupes[0]!r}")
+    return out

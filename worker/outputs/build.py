@@ -1,0 +1,305 @@
+"""Build, write, validate and record all outputs of one job.
+
+::
+
+    source = SourceSeries.from_files(paths, order=frame_refs)
+    built = build_outputs(job_id=job.id, source=source, prediction=prediction,
+                          algorithm=AlgorithmInfo.from_predictor(predictor, prediction.threshold),
+                          settings=OutputSettings.model_validate(settings.outputs))
+    written = write_outputs(built, outputs_root / str(job.id), settings=output_settings)
+    with db.session() as s:
+        save_output_rows(s, job.id, written, outputs_root)
+
+Nothing found (no finding and an empty mask): the SR is still produced and
+states the absence; the SEG is omitted (``seg_when_empty = "omit"``, default)
+or empty (``"empty"``); the anomaly map follows ``anomaly_map_when_empty``;
+there is no overlay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
+
+from pacs_node.db.models import Output
+
+from .anomaly_map import build_anomaly_map
+from .overlay import build_overlay
+from .seg import build_seg
+from .settings import OutputSettings
+from .source import SourceSeries
+from .sr import build_sr
+from .types import AlgorithmInfo, BuiltOutput, PredictionLike, PredictorLike
+from .uids import UIDFactory
+from .validate import ValidationReport, validate_file
+
+if TYPE_CHECKING:
+    from pacs_node.config import Settings
+
+__all__ = ["WrittenOutput", "build_job_outputs", "build_outputs", "produce_outputs", "save_output_rows", "uid_factory", "write_outputs"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WrittenOutput:
+    """A built output on disk, validated.
+
+    ``relpath`` is ``<job dir name>/<file name>``: relative to the outputs
+    root when the job's directory is ``<outputs root>/<job id>``, which is what
+    ``outputs.path`` stores.
+    """
+
+    built: BuiltOutput
+    path: Path
+    size_bytes: int
+    sha256: str
+    report: ValidationReport
+
+    @property
+    def kind(self) -> str:
+        return self.built.kind
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return self.built.sop_instance_uid
+
+    @property
+    def sop_class_uid(self) -> str:
+        return self.built.sop_class_uid
+
+    @property
+    def series_instance_uid(self) -> str:
+        return self.built.series_instance_uid
+
+    @property
+    def relpath(self) -> str:
+        return f"{self.path.parent.name}/{self.path.name}"
+
+    @property
+    def validation(self) -> str:
+        """JSON summary for ``outputs.validation``."""
+        return self.report.to_json()
+
+
+def uid_factory(job_id: int, source: SourceSeries, algorithm: AlgorithmInfo, settings: OutputSettings) -> UIDFactory:
+    """The UID factory of a job's outputs."""
+    return UIDFactory(
+        root=settings.uid_root,
+        job_id=int(job_id),
+        model_version=algorithm.version,
+        study_uid=source.study_instance_uid,
+        source_series_uid=source.series_instance_uid,
+    )
+
+
+def build_outputs(
+    *,
+    job_id: int,
+    source: SourceSeries,
+    prediction: PredictionLike,
+    algorithm: AlgorithmInfo,
+    settings: OutputSettings,
+) -> list[BuiltOutput]:
+    """Build every configured output of a job result (in memory).
+
+    Parameters
+    ----------
+    job_id:
+        Node job id (enters every UID).
+    source:
+        Source series, in the slice order of the prediction's arrays.
+    prediction:
+        ``mask``, ``anomaly_map``, ``findings``, ``study_score``.
+    algorithm:
+        Name, version (enters every UID), checksum, threshold.
+    settings:
+        ``[outputs]`` settings.
+
+    Returns
+    -------
+    list[BuiltOutput]
+        In delivery order: SEG, map, overlay images, SR (last: it references
+        the SEG).
+
+    Raises
+    ------
+    SourceError
+        Arrays not shaped like the source series.
+    ValueError
+        Findings without mask voxels or mask voxels without findings.
+    """
+    mask = np.asarray(prediction.mask, dtype=bool)
+    source.check_shape(mask, "mask")
+    findings = list(prediction.findings)
+    found = bool(mask.any())
+    if found != bool(findings):
+        raise ValueError(
+            f"inconsistent prediction: {len(findings)} finding(s) but {int(mask.sum())} mask voxel(s)"
+        )
+    uids = uid_factory(job_id, source, algorithm, settings)
+    out: list[BuiltOutput] = []
+    seg: Dataset | None = None
+    if found or settings.seg_when_empty == "empty":
+        seg = build_seg(source, mask, algorithm=algorithm, uids=uids, settings=settings)
+        out.append(BuiltOutput("seg", seg, "seg.dcm", {"mask_sum": int(mask.sum()), "frames": int(seg.NumberOfFrames)}))
+    if settings.anomaly_map != "none" and (found or settings.anomaly_map_when_empty):
+        amap = build_anomaly_map(source, prediction.anomaly_map, algorithm=algorithm, uids=uids, settings=settings)
+        if amap is not None:
+            out.append(BuiltOutput("map", amap, "map.dcm", {"frames": source.num_slices}))
+    if settings.overlay and found:
+        for i, img in enumerate(build_overlay(source, mask, uids=uids, settings=settings), start=1):
+            out.append(BuiltOutput("overlay", img, f"overlay-{i:04d}.dcm"))
+    sr = build_sr(
+        source,
+        mask=mask,
+        findings=findings,
+        study_score=float(prediction.study_score),
+        seg=seg,
+        algorithm=algorithm,
+        uids=uids,
+        settings=settings,
+    )
+    out.append(BuiltOutput("sr", sr, "sr.dcm", {"findings": len(findings)}))
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_outputs(
+    outputs: list[BuiltOutput], directory: str | Path, *, settings: OutputSettings, validate: bool = True
+) -> list[WrittenOutput]:
+    """Write each output to ``directory/<filename>`` (atomically) and validate it.
+
+    ``.dcm`` files in ``directory`` from an earlier build that this build did
+    not produce are removed, so the directory always holds exactly the
+    current outputs.
+
+    Raises
+    ------
+    OutputValidationError
+        The first output that fails the gate (files are left for inspection).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    names = {o.filename for o in outputs}
+    for stale in directory.glob("*.dcm"):
+        if stale.name not in names:
+            stale.unlink()
+    written: list[WrittenOutput] = []
+    for o in outputs:
+        path = directory / o.filename
+        tmp = directory / f".{o.filename}.tmp"
+        o.dataset.save_as(tmp, enforce_file_format=True)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if validate:
+            report = validate_file(
+                path,
+                o,
+                use_dciodvfy=settings.dciodvfy,
+                dciodvfy_path=settings.dciodvfy_path,
+                require_dciodvfy=settings.require_dciodvfy,
+                timeout=settings.dciodvfy_timeout,
+            )
+        else:
+            report = ValidationReport(kind=o.kind, filename=o.filename, reread="skipped")
+        written.append(WrittenOutput(o, path, path.stat().st_size, _sha256(path), report))
+    return written
+
+
+def produce_outputs(
+    *,
+    job_id: int,
+    source: SourceSeries,
+    prediction: PredictionLike,
+    algorithm: AlgorithmInfo,
+    settings: OutputSettings,
+    outputs_root: str | Path,
+) -> list[WrittenOutput]:
+    """:func:`build_outputs` + :func:`write_outputs` into ``outputs_root/<job_id>/``."""
+    built = build_outputs(job_id=job_id, source=source, prediction=prediction, algorithm=algorithm, settings=settings)
+    return write_outputs(built, Path(outputs_root) / str(int(job_id)), settings=settings)
+
+
+def build_job_outputs(
+    *,
+    job_id: int,
+    source_paths: Sequence[str | Path],
+    prediction: PredictionLike,
+    predictor: PredictorLike,
+    settings: Settings,
+    out_dir: str | Path,
+    order: Sequence[Any] | None = None,
+) -> list[WrittenOutput]:
+    """The worker's entry point: read the source files, build, write and validate.
+
+    Parameters
+    ----------
+    job_id:
+        Node job id.
+    source_paths:
+        Files of the source series (any order).
+    prediction:
+        The engine's prediction on that series.
+    predictor:
+        The loaded model (``model_name``, ``model_version``, ``checksum``).
+    settings:
+        Node settings; ``settings.outputs`` is validated as :class:`OutputSettings`.
+    out_dir:
+        The job's output directory, ``<outputs root>/<job id>``.
+    order:
+        Optional engine slice references (``load_series_refs``); default: the
+        engine's sort rule.
+
+    Raises
+    ------
+    OutputValidationError
+        An output failed the validation gate.
+    """
+    out_settings = OutputSettings.model_validate(settings.outputs or {})
+    source = SourceSeries.from_files(source_paths, order=order)
+    algorithm = AlgorithmInfo.from_predictor(predictor, threshold=float(prediction.threshold))
+    built = build_outputs(job_id=job_id, source=source, prediction=prediction, algorithm=algorithm, settings=out_settings)
+    return write_outputs(built, out_dir, settings=out_settings)
+
+
+def save_output_rows(session: Session, job_id: int, written: list[WrittenOutput], outputs_root: str | Path) -> list[Output]:
+    """Replace the job's ``outputs`` rows with ``written`` (paths relative to ``outputs_root``)."""
+    root = Path(outputs_root).resolve()
+    session.execute(delete(Output).where(Output.job_id == job_id))
+    session.flush()
+    rows = []
+    for w in written:
+        row = Output(
+            job_id=job_id,
+            kind=w.kind,
+            sop_class_uid=w.built.sop_class_uid,
+            sop_instance_uid=w.built.sop_instance_uid,
+            series_instance_uid=w.built.series_instance_uid,
+            path=w.path.resolve().relative_to(root).as_posix(),
+            size_bytes=w.size_bytes,
+            sha256=w.sha256,
+            validation=w.validation,
+        )
+        session.add(row)
+        rows.append(row)
+    session.flush()
+    return rows

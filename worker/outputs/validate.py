@@ -1,0 +1,201 @@
+"""The validation gate: every output is re-read and checked by ``dciodvfy``.
+
+An output passes when
+
+1. it re-reads as what it claims to be (highdicom ``seg.segread`` for SEG and
+   FRACTIONAL SEG, ``pm.ParametricMap.from_dataset`` for Parametric Maps,
+   ``sr.srread`` for the SR, pydicom for SC overlays), with the SOP Class and
+   Instance UIDs it was built with and the expected content (the decoded mask
+   has as many set pixels as the engine's mask, the SR has one ROI group per
+   finding, ...);
+2. ``dciodvfy`` (dicom3tools), when installed, reports no line starting with
+   ``Error``. Its warnings are kept in :attr:`ValidationReport.warnings` and
+   stored in ``outputs.validation``.
+
+Anything else raises :class:`OutputValidationError`, naming the output and the
+reasons; such an output is never delivered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+
+from .types import BuiltOutput
+
+__all__ = ["OutputValidationError", "ValidationReport", "find_dciodvfy", "run_dciodvfy", "validate_file"]
+
+log = logging.getLogger(__name__)
+
+
+class OutputValidationError(RuntimeError):
+    """An output failed the validation gate.
+
+    Attributes
+    ----------
+    kind, filename:
+        The output.
+    reasons:
+        One line per problem (dciodvfy ``Error`` lines, re-read failures).
+    """
+
+    def __init__(self, kind: str, filename: str, reasons: list[str]) -> None:
+        self.kind = kind
+        self.filename = filename
+        self.reasons = list(reasons)
+        shown = "; ".join(self.reasons[:5]) + (f" (+{len(self.reasons) - 5} more)" if len(self.reasons) > 5 else "")
+        super().__init__(f"{kind} output {filename} failed validation: {shown}")
+
+
+@dataclass
+class ValidationReport:
+    """Result of the gate for one file (stored as JSON in ``outputs.validation``)."""
+
+    kind: str
+    filename: str
+    reread: str = "ok"
+    dciodvfy: str | None = None
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reread": self.reread,
+            "dciodvfy": self.dciodvfy or "not available",
+            "errors": self.errors,
+            "warnings": self.warnings,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+
+def find_dciodvfy(configured: str = "") -> str | None:
+    """Path of dciodvfy: ``configured`` if given, else /usr/bin, else PATH."""
+    if configured:
+        return configured if os.access(configured, os.X_OK) else None
+    if os.access("/usr/bin/dciodvfy", os.X_OK):
+        return "/usr/bin/dciodvfy"
+    return shutil.which("dciodvfy")
+
+
+def run_dciodvfy(path: str | Path, executable: str, timeout: float = 60.0) -> tuple[list[str], list[str]]:
+    """Run dciodvfy on one file; returns ``(errors, warnings)`` (message lines).
+
+    ``Abort`` lines and a time-out count as errors.
+    """
+    try:
+        proc = subprocess.run(
+            [executable, str(path)], capture_output=True, text=True, errors="replace", timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return [f"dciodvfy did not finish in {timeout:g} s"], []
+    errors: list[str] = []
+    warnings: list[str] = []
+    for line in (proc.stderr + "\n" + proc.stdout).splitlines():
+        line = line.strip()
+        if line.startswith("Error") or line.startswith("Abort"):
+            errors.append(line)
+        elif line.startswith("Warning"):
+            warnings.append(line)
+    return errors, warnings
+
+
+def _reread(path: Path, built: BuiltOutput) -> list[str]:
+    """Re-read the written file; return problems found."""
+    problems: list[str] = []
+    ds = pydicom.dcmread(str(path))
+    if str(ds.SOPInstanceUID) != built.sop_instance_uid:
+        problems.append("SOP Instance UID differs from the built object")
+    if str(ds.SOPClassUID) != built.sop_class_uid:
+        problems.append("SOP Class UID differs from the built object")
+    exp = built.expected
+    if built.kind == "seg" or (built.kind == "map" and ds.Modality == "SEG"):
+        seg = hd.seg.segread(str(path))
+        if [int(s.SegmentNumber) for s in seg.SegmentSequence] != [1]:
+            problems.append("SEG must have exactly segment 1")
+        pixels = seg.pixel_array
+        if pixels.ndim == 2:
+            pixels = pixels[None]
+        if "frames" in exp and pixels.shape[0] != exp["frames"]:
+            problems.append(f"SEG has {pixels.shape[0]} frames, expected {exp['frames']}")
+        if "mask_sum" in exp and int(np.count_nonzero(pixels)) != exp["mask_sum"]:
+            problems.append(f"SEG decodes to {int(np.count_nonzero(pixels))} set pixels, expected {exp['mask_sum']}")
+    elif built.kind == "map":
+        pm = hd.pm.ParametricMap.from_dataset(ds)
+        pixels = pm.pixel_array
+        if "frames" in exp and (pixels.shape[0] if pixels.ndim == 3 else 1) != exp["frames"]:
+            problems.append("Parametric Map frame count differs from the source")
+    elif built.kind == "sr":
+        sr = hd.sr.srread(str(path))
+        groups = sr.content.get_volumetric_roi_measurement_groups()  # type: ignore[attr-defined]
+        if "findings" in exp and len(groups) != exp["findings"]:
+            problems.append(f"SR has {len(groups)} ROI groups, expected {exp['findings']}")
+        if str(sr.VerificationFlag) != "UNVERIFIED":
+            problems.append("SR must be UNVERIFIED")
+    elif built.kind == "overlay":
+        if ds.pixel_array.ndim != 3 or ds.pixel_array.shape[-1] != 3:
+            problems.append("overlay is not an RGB image")
+    return problems
+
+
+def validate_file(
+    path: str | Path,
+    built: BuiltOutput,
+    *,
+    use_dciodvfy: bool = True,
+    dciodvfy_path: str = "",
+    require_dciodvfy: bool = False,
+    timeout: float = 60.0,
+) -> ValidationReport:
+    """Validate one written output.
+
+    Returns
+    -------
+    ValidationReport
+        With dciodvfy's warnings.
+
+    Raises
+    ------
+    OutputValidationError
+        On any error (re-read failure, dciodvfy ``Error`` line, dciodvfy
+        missing while ``require_dciodvfy``).
+    """
+    path = Path(path)
+    report = ValidationReport(kind=built.kind, filename=path.name)
+    try:
+        problems = _reread(path, built)
+    except Exception as exc:  # noqa: BLE001 - any failure to re-read is a validation error
+        problems = [f"re-read failed: {type(exc).__name__}: {exc}"]
+    if problems:
+        report.reread = "failed"
+        report.errors.extend(problems)
+    if use_dciodvfy:
+        exe = find_dciodvfy(dciodvfy_path)
+        if exe is None:
+            if require_dciodvfy:
+                report.errors.append("dciodvfy (dicom3tools) is not installed")
+            else:
+                log.warning("dciodvfy not found; %s checked by re-reading only", path.name)
+        else:
+            report.dciodvfy = exe
+            errors, warnings = run_dciodvfy(path, exe, timeout)
+            report.errors.extend(f"dciodvfy: {e}" for e in errors)
+            report.warnings.extend(warnings)
+    if report.errors:
+        raise OutputValidationError(built.kind, path.name, report.errors)
+    return report
