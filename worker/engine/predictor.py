@@ -220,7 +220,7 @@ class Predictor:
         for k in keys:
             name, _, pol = k.partition(":")
             if name == "residual":
-                m = residual_map(pre.image, recon)
+                m = residual_map(pre.image, recon, scfg.edge_weight)
             elif name == "ssim":
                 m = ssim_map(pre.image, recon)
             elif name == "intensity":

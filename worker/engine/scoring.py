@@ -54,6 +54,10 @@ class ScoringConfig:
         Intensity-outlier tail: ``"bright"``, ``"dark"`` or ``"both"``.
     combine_weight:
         Weight of the intensity-outlier term in ``"combined"``.
+    edge_weight:
+        Edge-aware residual: ``|x - x̂| / (1 + edge_weight * |∇x̂|)``, which
+        discounts the unavoidable reconstruction error on normal edges
+        (0 = plain residual).
     scales:
         Per-component normal 99th percentiles used by ``"combined"``.
     min_volume_mm3:
@@ -71,6 +75,7 @@ class ScoringConfig:
     threshold: float | None = None
     polarity: str = "both"
     combine_weight: float = 1.0
+    edge_weight: float = 0.0
     scales: dict[str, float] = field(default_factory=dict)
     min_volume_mm3: float = 100.0
     closing: bool = True
@@ -101,9 +106,34 @@ class ScoringConfig:
         return cfg
 
 
-def residual_map(x: np.ndarray, recon: np.ndarray) -> np.ndarray:
-    """Absolute residual ``|x - recon|`` (float32)."""
-    return np.abs(x.astype(np.float32) - recon.astype(np.float32))
+def residual_map(x: np.ndarray, recon: np.ndarray, edge_weight: float = 0.0) -> np.ndarray:
+    """Absolute residual ``|x - recon|`` (float32), optionally edge-aware.
+
+    Parameters
+    ----------
+    x, recon:
+        ``(z, H, W)`` input and reconstruction.
+    edge_weight:
+        When positive, the residual is divided by ``1 + edge_weight * g``
+        where ``g`` is the in-plane Sobel gradient magnitude of ``recon``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Non-negative residual map.
+    """
+    r = np.abs(x.astype(np.float32) - recon.astype(np.float32))
+    if edge_weight > 0:
+        r = r / (1.0 + edge_weight * gradient_magnitude(recon))
+    return r.astype(np.float32)
+
+
+def gradient_magnitude(img: np.ndarray) -> np.ndarray:
+    """In-plane Sobel gradient magnitude per pixel (``(z, H, W)``; scaled to units per pixel)."""
+    a = img.astype(np.float32)
+    gy = ndi.sobel(a, axis=1) / 8.0
+    gx = ndi.sobel(a, axis=2) / 8.0
+    return np.sqrt(gx * gx + gy * gy)
 
 
 def ssim_map(x: np.ndarray, recon: np.ndarray, sigma: float = 1.5, data_range: float = 1.0) -> np.ndarray:

@@ -59,8 +59,9 @@ class TrainConfig:
     seed:
         Seed of every random draw.
     max_minutes:
-        Wall-clock budget (0 = none); training stops after the epoch that
-        exceeds it.
+        Wall-clock budget (0 = none): training stops when the next epoch would
+        overrun it, and the cosine schedule follows elapsed time when that is
+        ahead of the step count (runs that fit the budget stay deterministic).
     amp:
         ``"auto"`` (bf16 autocast on CUDA, or on CPUs with native bf16),
         ``"on"`` or ``"off"``.
@@ -253,11 +254,18 @@ def _loss(model: UNet, inp: torch.Tensor, target: torch.Tensor, device: torch.de
     return F.mse_loss(out.float(), target.to(device))
 
 
-def _lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+def _lr_lambda(cfg: TrainConfig, total: int, clock: dict[str, float]) -> Callable[[int], float]:
+    """Warm-up then cosine decay; with a time budget, progress is the larger of
+    the step fraction and the elapsed-time fraction (so a slow machine still
+    anneals before the budget ends; a fast one is unaffected and deterministic)."""
+
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         p = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        if cfg.max_minutes > 0 and "t0" in clock:
+            elapsed = clock["before"] + time.monotonic() - clock["t0"]
+            p = max(p, elapsed / (cfg.max_minutes * 60.0))
         return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
     return f
 
@@ -328,7 +336,8 @@ def train(
     model = UNet(ucfg).to(dev).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * cfg.steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
+    clock: dict[str, float] = {"before": 0.0}
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total, clock))
     gen = torch.Generator().manual_seed(cfg.seed)
     res = TrainResult(model=model)
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -349,6 +358,7 @@ def train(
         log.info("resuming at epoch %d", start_epoch + 1)
     c = train_data.x.shape[1] // 2
     t0 = time.monotonic()
+    clock.update(t0=t0, before=elapsed_before)
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
         bar = tqdm(range(cfg.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
@@ -391,7 +401,7 @@ def train(
         if stale >= cfg.patience:
             res.stopped = "early_stopping"
             break
-        if cfg.max_minutes and seconds > cfg.max_minutes * 60:
+        if cfg.max_minutes and seconds + (seconds - elapsed_before) / (epoch + 1 - start_epoch) * 0.5 > cfg.max_minutes * 60:
             res.stopped = "time_budget"
             break
     model.load_state_dict(best_state)
