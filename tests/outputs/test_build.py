@@ -1,0 +1,184 @@
+"""build_outputs / write_outputs / save_output_rows: determinism, the
+validation gate, the engine's own types, settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pydicom
+import pytest
+from pydantic import ValidationError
+from scipy import ndimage
+from sqlalchemy import select
+
+from nodetest import make_settings
+from outgen import ALGORITHM, SOURCES, prediction_for, synthetic_series, write_series
+from pacs_node.db.models import Job, Output, Study
+from pacs_node.db.session import Database
+from worker.outputs.build import build_job_outputs, build_outputs, save_output_rows, uid_factory, write_outputs
+from worker.outputs.settings import OutputSettings
+from worker.outputs.source import SourceSeries
+from worker.outputs.types import AlgorithmInfo, BuiltOutput
+from worker.outputs.uids import derive_uid
+from worker.outputs.validate import OutputValidationError, validate_file
+
+BOXES = [(slice(1, 3), slice(2, 7), slice(3, 9))]
+
+
+def _uids(outputs: list[BuiltOutput]) -> list[tuple[str, str, str]]:
+    return [(o.kind, o.sop_instance_uid, o.series_instance_uid) for o in outputs]
+
+
+def _uidrefs(ds: pydicom.Dataset) -> set[str]:
+    out: set[str] = set()
+    for item in ds.get("ContentSequence", []):
+        if item.ValueType == "UIDREF":
+            out.add(str(item.UID))
+        out |= _uidrefs(item)
+    return out
+
+
+def test_deterministic_uids(out_settings: OutputSettings) -> None:
+    settings = out_settings.model_copy(update={"overlay": True})
+    source = SourceSeries.from_datasets(SOURCES["ct-single"]())
+    pred = prediction_for(source, BOXES)
+    first = build_outputs(job_id=42, source=source, prediction=pred, algorithm=ALGORITHM, settings=settings)
+    again = build_outputs(job_id=42, source=source, prediction=pred, algorithm=ALGORITHM, settings=settings)
+    assert _uids(first) == _uids(again)
+    assert [o.kind for o in first] == ["seg", "map", "overlay", "overlay", "sr"]
+    all_uids = [u for t in _uids(first) for u in t[1:]]
+    assert len(set(all_uids)) == len(first) + 4  # distinct instances; overlays share one series
+    other_job = build_outputs(job_id=43, source=source, prediction=pred, algorithm=ALGORITHM, settings=settings)
+    other_model = build_outputs(job_id=42, source=source, prediction=pred,
+                                algorithm=AlgorithmInfo(ALGORITHM.name, ALGORITHM.version + "x"), settings=settings)
+    for other in (other_job, other_model):
+        assert not set(all_uids) & {u for t in _uids(other) for u in t[1:]}
+    # SR tracking UIDs, SEG segment tracking UID are deterministic too
+    tracking = _uidrefs(first[-1].dataset)
+    assert len(tracking) >= 3 and tracking == _uidrefs(again[-1].dataset)
+    device = uid_factory(42, source, ALGORITHM, settings).device()  # the observer device: same model, same UID
+    assert tracking & _uidrefs(other_job[-1].dataset) == {device}
+    # a switch between map encodings never reuses a UID for another SOP class
+    pm = build_outputs(job_id=42, source=source, prediction=pred, algorithm=ALGORITHM,
+                       settings=settings.model_copy(update={"anomaly_map": "parametric"}))
+    assert pm[1].sop_instance_uid != first[1].sop_instance_uid
+
+
+def test_uid_roots() -> None:
+    uid = derive_uid("2.25.", "a", 1)
+    assert uid.startswith("2.25.") and len(uid) <= 64 and uid == derive_uid("2.25.", "a", 1)
+    assert derive_uid("2.25.", "a1") != derive_uid("2.25.", "a", 1)  # parts are not just concatenated
+    org = derive_uid("1.2.826.0.1.3680043.8.498.", "a", 1)
+    assert org.startswith("1.2.826.0.1.3680043.8.498.") and len(org) <= 64
+    assert pydicom.uid.UID(org).is_valid and pydicom.uid.UID(uid).is_valid
+
+
+def test_validation_gate_rejects_errors(tmp_path: Path, out_settings: OutputSettings) -> None:
+    source = SourceSeries.from_datasets(SOURCES["ct-single"]())
+    built = build_outputs(job_id=1, source=source, prediction=prediction_for(source, BOXES),
+                          algorithm=ALGORITHM, settings=out_settings)
+    seg = built[0]
+    del seg.dataset.ContentLabel  # Type 1 in the SEG IOD
+    with pytest.raises(OutputValidationError) as err:
+        write_outputs(built, tmp_path / "1", settings=out_settings)
+    assert err.value.kind == "seg" and any("Content Label" in r or "ContentLabel" in r for r in err.value.reasons)
+    assert "failed validation" in str(err.value)
+
+    # a re-read that disagrees with the build (wrong number of ROI groups)
+    sr = built[-1]
+    sr.dataset.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    sr.expected["findings"] = 5
+    with pytest.raises(OutputValidationError, match="ROI groups"):
+        validate_file(tmp_path / "sr.dcm", sr, use_dciodvfy=False)
+
+    # dciodvfy required but missing
+    with pytest.raises(OutputValidationError, match="not installed"):
+        validate_file(tmp_path / "sr.dcm", BuiltOutput("sr", sr.dataset, "sr.dcm"),
+                      dciodvfy_path="/nonexistent/dciodvfy", require_dciodvfy=True)
+
+
+def test_warnings_recorded(tmp_path: Path, out_settings: OutputSettings, dciodvfy: str) -> None:
+    source = SourceSeries.from_datasets(SOURCES["mr-single"]())
+    settings = out_settings.model_copy(update={"anomaly_map": "parametric"})
+    written = write_outputs(build_outputs(job_id=1, source=source, prediction=prediction_for(source, BOXES),
+                                          algorithm=ALGORITHM, settings=settings), tmp_path / "1", settings=settings)
+    for w in written:
+        v = json.loads(w.validation)
+        assert v["reread"] == "ok" and v["dciodvfy"] == dciodvfy and v["errors"] == []
+    pm = next(w for w in written if w.kind == "map")
+    assert any("QUANTITY" in line for line in json.loads(pm.validation)["warnings"])
+
+
+class _Predictor:
+    model_name = "tiny"
+    model_version = "pacs-node-engine/0.1.0+abcdef012345"
+    checksum = "abcdef012345" * 5 + "abcd"
+
+
+def test_with_engine_types_and_db_rows(tmp_path: Path) -> None:
+    """The engine's own Prediction/Finding types and reader, then outputs rows."""
+    from worker.engine.dicom_io import load_series_refs
+    from worker.engine.postprocess import extract_findings
+    from worker.engine.predictor import Prediction
+
+    paths = write_series(synthetic_series(modality="MR", n=8, shuffle=True, seed=9), tmp_path / "src")
+    volume, refs = load_series_refs(paths)
+    mask = np.zeros(volume.shape, bool)
+    mask[2:5, 4:9, 3:8] = True
+    amap = np.where(mask, 0.8, 0.1).astype(np.float32)
+    labels, _ = ndimage.label(mask)
+    findings = extract_findings(labels, amap, volume)
+    prediction = Prediction(mask=mask, anomaly_map=amap, findings=findings, study_score=1.7, threshold=0.25)
+
+    db_url = f"sqlite:///{tmp_path / 'node.db'}"
+    settings = make_settings(tmp_path, db_url)
+    settings.outputs = {"overlay": True, "uid_root": "1.2.826.0.1.3680043.8.498."}
+    outputs_root = tmp_path / "outputs"
+    written = build_job_outputs(job_id=9, source_paths=paths, prediction=prediction, predictor=_Predictor(),
+                                settings=settings, out_dir=outputs_root / "9", order=refs)
+    assert [w.kind for w in written][0] == "seg" and written[-1].kind == "sr"
+    assert all(w.relpath.startswith("9/") and (outputs_root / w.relpath).is_file() for w in written)
+    assert all(w.sop_instance_uid.startswith("1.2.826.0.1.3680043.8.498.") for w in written)
+    sr = pydicom.dcmread(written[-1].path)
+    assert "threshold=0.25" in str(sr.ContentSequence)
+
+    db = Database(db_url)
+    from pacs_node.db.migrate import upgrade
+
+    upgrade(db)
+    with db.session() as s:
+        study = Study(study_instance_uid="1.2.3", version=1)
+        s.add(study)
+        s.flush()
+        job = Job(study_id=study.id, study_version=1, state="running")
+        s.add(job)
+        s.flush()
+        job_id = job.id
+        save_output_rows(s, job_id, written, outputs_root)
+    with db.session() as s:  # a rebuild replaces the rows (same UIDs, no unique violation)
+        save_output_rows(s, job_id, written, outputs_root)
+    with db.session() as s:
+        rows = s.execute(select(Output).where(Output.job_id == job_id).order_by(Output.id)).scalars().all()
+        assert [r.kind for r in rows] == [w.kind for w in written]
+        assert [r.path for r in rows] == [w.relpath for w in written]
+        assert all(json.loads(r.validation or "{}")["errors"] == [] for r in rows)
+        assert rows[0].sha256 == written[0].sha256 and rows[0].size_bytes == written[0].path.stat().st_size
+    db.dispose()
+
+
+def test_output_settings_validation() -> None:
+    s = OutputSettings.model_validate({})
+    assert s.uid_root == "2.25." and s.anomaly_map == "fractional" and s.seg_omit_empty_frames is False
+    for bad in ({"uid_root": "1.2.3"}, {"uid_root": "1.02.3."}, {"anomaly_map": "heat"}, {"unknown": 1},
+                {"seg_series_description": "x" * 65}, {"overlay_color": [300, 0, 0]}):
+        with pytest.raises(ValidationError):
+            OutputSettings.model_validate(bad)
+
+
+def test_engine_predictor_identity() -> None:
+    info = AlgorithmInfo.from_predictor(SimpleNamespace(model_name="m", model_version="v", checksum="c"), 0.5)
+    assert info == AlgorithmInfo("m", "v", "c", 0.5)
+    assert info.parameters() == {"model_sha256": "c", "threshold": "0.5"}
