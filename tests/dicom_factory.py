@@ -107,3 +107,35 @@ def to_bytes(ds: Dataset) -> bytes:
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def series_from_volume(
+    volume: np.ndarray,
+    *,
+    spacing: tuple[float, float, float] = (5.0, 2.0, 2.0),
+    modality: str = "MR",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    series_description: str = "AX FLAIR",
+    series_number: int = 1,
+    patient_name: str = "Test^Patient",
+) -> list[Dataset]:
+    """Single-frame slices of a (z, y, x) volume (values scaled to int16)."""
+    study_uid = study_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    v = np.asarray(volume, dtype=np.float64)
+    lo, hi = float(v.min()), float(v.max())
+    scaled = np.round((v - lo) / (hi - lo + 1e-9) * 3000).astype(np.int16)
+    out = []
+    for z in range(v.shape[0]):
+        ds = make_instance(
+            study_uid=study_uid, series_uid=series_uid, modality=modality, instance_number=z + 1,
+            rows=v.shape[1], cols=v.shape[2], series_number=series_number,
+            series_description=series_description, z=z * spacing[0],
+        )
+        ds.PixelSpacing = [spacing[1], spacing[2]]
+        ds.SliceThickness = spacing[0]
+        ds.PatientName = patient_name
+        ds.PixelData = scaled[z].tobytes()
+        out.append(ds)
+    return out

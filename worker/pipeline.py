@@ -11,6 +11,7 @@ model version, so re-running a job replaces its results.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -18,10 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from pacs_node.config import Settings
-from pacs_node.db.models import Job, Output, Study, utcnow
+from pacs_node.db.models import Job, Study, utcnow
 from pacs_node.db.session import Database
 from pacs_node.jobs import lease
 from pacs_node.jobs.states import JobState, transition
@@ -50,7 +49,7 @@ class WorkerContext:
     worker: WorkerSettings
     db: Database
     dispatcher: Dispatcher
-    host: str = field(default_factory=socket.gethostname)
+    host: str = field(default_factory=lambda: f"{socket.gethostname()}/{os.getpid()}")
     _predictors: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -160,6 +159,10 @@ def process(ctx: WorkerContext, job_id: int) -> str:
         logger.exception("job %d failed unexpectedly", job_id)
         _fail(ctx, job_id, f"unexpected error: {exc.__class__.__name__}: {exc}")
         return "failed"
+    if ctx.worker.storage == "remote":
+        # No shared disk with the io workers: deliver from here, straight to
+        # the destinations, with the outputs this process just wrote.
+        return deliver(ctx, job_id)
     try:
         ctx.dispatcher.enqueue_delivery(job_id)
         with ctx.db.session() as s:
@@ -173,6 +176,7 @@ def process(ctx: WorkerContext, job_id: int) -> str:
 
 def _process_claimed(ctx: WorkerContext, job_id: int) -> None:
     from worker.engine.dicom_io import SeriesError, load_series
+    from worker.outputs.build import save_output_rows
 
     timings: dict[str, float] = {}
     with ctx.db.sessionmaker() as s:
@@ -200,6 +204,8 @@ def _process_claimed(ctx: WorkerContext, job_id: int) -> None:
         except SeriesError as exc:
             raise PermanentJobError(f"source series cannot be read: {exc}") from None
         timings["load"] = time.perf_counter() - t0
+        if ctx.worker.pre_inference_delay_seconds:
+            time.sleep(ctx.worker.pre_inference_delay_seconds)
         prediction = predictor.predict(volume)
         timings["inference"] = float(prediction.timings.get("preprocess", 0.0) + prediction.timings.get("inference", 0.0))
         timings["postprocess"] = float(prediction.timings.get("postprocess", 0.0))
@@ -226,7 +232,7 @@ def _process_claimed(ctx: WorkerContext, job_id: int) -> None:
     with ctx.db.session() as s:
         job = s.get(Job, job_id)
         assert job is not None
-        _record_outputs(s, job, built)
+        save_output_rows(s, job_id, built, ctx.outputs_dir)
         job.findings = findings
         job.study_score = float(prediction.study_score)
         job.timings = {**(job.timings or {}), **{k: round(v, 4) for k, v in timings.items()}}
@@ -266,31 +272,6 @@ def _build(ctx: WorkerContext, job_id: int, paths: list[Path], prediction: Any, 
         raise PermanentJobError(f"output failed validation: {exc}") from None
 
 
-def _record_outputs(s: Any, job: Job, built: list[Any]) -> None:
-    """Upsert Output rows (same SOP Instance UID on a re-run: replaced)."""
-    keep = {b.sop_instance_uid for b in built}
-    for old in list(job.outputs):
-        if old.sop_instance_uid not in keep:
-            s.delete(old)
-    existing = {o.sop_instance_uid: o for o in job.outputs}
-    for b in built:
-        row = existing.get(b.sop_instance_uid) or s.execute(
-            select(Output).where(Output.sop_instance_uid == b.sop_instance_uid)
-        ).scalar_one_or_none()
-        if row is None:
-            row = Output(job_id=job.id, sop_instance_uid=b.sop_instance_uid)
-            s.add(row)
-        row.job_id = job.id
-        row.kind = b.kind
-        row.sop_class_uid = b.sop_class_uid
-        row.series_instance_uid = b.series_instance_uid
-        row.path = b.relpath
-        row.size_bytes = b.size_bytes
-        row.sha256 = b.sha256
-        row.validation = b.validation
-        row.created_at = utcnow()
-
-
 def deliver(ctx: WorkerContext, job_id: int, *, sleep: Any = time.sleep) -> str:
     """Send a job's outputs to every destination (``delivering`` -> ``done``
     or ``delivery_failed``). Returns the resulting state or ``not-claimed``."""
@@ -300,12 +281,7 @@ def deliver(ctx: WorkerContext, job_id: int, *, sleep: Any = time.sleep) -> str:
     if not lease.claim(ctx.db, job_id, from_state=JobState.DELIVERING, to_state=JobState.DELIVERING,
                        host=ctx.host, lease_seconds=q.lease_seconds, message=f"delivery started on {ctx.host}"):
         return "not-claimed"
-    t0 = time.perf_counter()
     with _Heartbeat(ctx, job_id, JobState.DELIVERING):
-        state = deliver_job(ctx.db, job_id, settings=ctx.settings, outputs_dir=ctx.outputs_dir, sleep=sleep)
-    with ctx.db.session() as s:
-        job = s.get(Job, job_id)
-        if job is not None:
-            job.timings = {**(job.timings or {}), "delivery": round(time.perf_counter() - t0, 4)}
-            job.lease_expires_at = None
-    return str(state)
+        report = deliver_job(ctx.db, job_id, settings=ctx.settings, outputs_dir=ctx.outputs_dir, sleep=sleep)
+    lease.release(ctx.db, job_id)
+    return str(report.state)

@@ -9,6 +9,7 @@ Keys (TOML ``[worker]`` table, all optional)::
     outputs_dir = ""            # where outputs are written; "" = <data dir>/outputs
     profiles    = {}            # model profile -> checkpoint path, e.g. { brain = "/models/brain.pt" };
                                 # the "default" profile is [engine] model
+    pre_inference_delay_seconds = 0.0  # pause before inference (failure drills and tests)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class WorkerSettings(BaseModel):
     node_token: str = ""
     outputs_dir: Path = Path()
     profiles: dict[str, Path] = Field(default_factory=dict)
+    pre_inference_delay_seconds: float = Field(default=0.0, ge=0.0)
     engine: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
