@@ -113,7 +113,7 @@ class NodeServer:
         self.assembler = StudyAssembler(
             node.db,
             node.settings.study,
-            on_job_created=lambda job_id: enqueue(node.db, self.dispatcher, job_id) and None,
+            on_job_created=self._enqueue,
             rules=parse_rules(node.settings.routing),
         )
         self.supervisor = JobSupervisor(node.db, self.dispatcher)
@@ -125,6 +125,9 @@ class NodeServer:
             uvicorn.Config(self.app, host=http.host, port=http.port, log_config=None, access_log=False)
         )
         self._http_thread: threading.Thread | None = None
+
+    def _enqueue(self, job_id: int) -> None:
+        enqueue(self.node.db, self.dispatcher, job_id)
 
     @property
     def http_port(self) -> int:

@@ -33,7 +33,8 @@ _CHUNK = 1 << 20
 
 
 def _node(request: Request) -> Node:
-    return request.app.state.node  # type: ignore[no-any-return]
+    node: Node = request.app.state.node
+    return node
 
 
 def _instances(node: Node, study_uid: str, series_uid: str, sop_uid: str | None = None) -> list[Path]:

@@ -128,7 +128,7 @@ class StudyAssembler:
     def _claim(self, cand: _Candidate, reason: str) -> int | None:
         try:
             with self.db.session() as s:
-                claimed = s.execute(
+                claimed = s.execute(  # type: ignore[attr-defined]
                     update(Study)
                     .where(
                         Study.id == cand.study_id,

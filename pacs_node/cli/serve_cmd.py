@@ -10,7 +10,7 @@ from pacs_node.node import SchemaOutdatedError
 __all__ = ["register"]
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the node: DICOM SCP, HTTP API, study assembler")
     add_config_arg(p)
     p.set_defaults(func=cmd_serve)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_node.config import DicomSettings
@@ -73,7 +74,7 @@ def handle_store(event: evt.Event, ingestor: Ingestor) -> Dataset:
     try:
         data = event.encoded_dataset(include_meta=True)
         meta = parse_meta(data)
-        req = event.request
+        req = cast(C_STORE, event.request)
         if str(req.AffectedSOPInstanceUID) != meta.sop_uid:
             raise IngestError(Status.UID_MISMATCH, "SOP Instance UID differs from the C-STORE request")
         if str(req.AffectedSOPClassUID) != meta.sop_class_uid:

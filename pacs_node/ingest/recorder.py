@@ -149,7 +149,7 @@ def parse_meta(data: bytes, *, transfer_syntax_uid: str | None = None) -> Instan
     """
     try:
         if transfer_syntax_uid is None:
-            ds = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            ds: Dataset = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
             ts = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
             if not ds.file_meta or not ts:
                 raise IngestError(Status.CANNOT_UNDERSTAND, "not a DICOM file: no File Meta Information")
@@ -213,14 +213,16 @@ def _read_bare(data: bytes, ts: str) -> Dataset:
 def encode_part10(dataset_bytes: bytes, meta: InstanceMeta, *, implementation_aet: str) -> bytes:
     """Prefix a bare data set with preamble and File Meta Information."""
     fm = FileMetaDataset()
-    fm.MediaStorageSOPClassUID = meta.sop_class_uid
-    fm.MediaStorageSOPInstanceUID = meta.sop_uid
-    fm.TransferSyntaxUID = meta.transfer_syntax_uid
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
+
+    fm.MediaStorageSOPClassUID = UID(meta.sop_class_uid)
+    fm.MediaStorageSOPInstanceUID = UID(meta.sop_uid)
+    fm.TransferSyntaxUID = UID(meta.transfer_syntax_uid)
 
     fm.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     fm.SourceApplicationEntityTitle = implementation_aet
-    buf = BytesIO()
+    buf = DicomBytesIO()
     buf.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buf, fm, enforce_standard=True)
     buf.write(dataset_bytes)

@@ -151,4 +151,4 @@ def analyze_study(db: Database, dispatcher: Dispatcher, study_uid: str, rules: l
 
 
 def count_jobs(s: Session) -> dict[str, int]:
-    return dict(s.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).all())  # type: ignore[arg-type]
+    return {str(state): int(n) for state, n in s.execute(select(Job.state, func.count(Job.id)).group_by(Job.state))}

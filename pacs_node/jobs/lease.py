@@ -55,7 +55,7 @@ def claim(db: Database, job_id: int, *, from_state: JobState, to_state: JobState
 def renew(db: Database, job_id: int, *, state: JobState, lease_seconds: float) -> bool:
     """Extend the lease of a job still in ``state`` (the claimed step)."""
     with db.session() as s:
-        n = s.execute(
+        n = s.execute(  # type: ignore[attr-defined]
             update(Job)
             .where(Job.id == job_id, Job.state == state.value, Job.lease_expires_at.is_not(None))
             .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds))
