@@ -1,52 +1,87 @@
-"""FastAPI application factory."""
+"""FastAPI application factory.
+
+Routers (one per resource):
+
+* ``/dicomweb/studies`` -- STOW-RS (:mod:`pacs_node.ingest.stow`) and
+  WADO-RS (:mod:`pacs_node.api.wado`)
+* ``/api/v1/jobs`` -- :mod:`pacs_node.api.jobs`
+* ``/api/v1/studies`` -- :mod:`pacs_node.api.studies`
+* ``/healthz``, ``/livez`` -- :mod:`pacs_node.api.health`
+* ``/metrics`` -- :mod:`pacs_node.api.metrics`
+* ``/``, ``/jobs/{id}``, key images, ``/static`` -- :mod:`pacs_node.api.dashboard`
+
+OpenAPI is published at ``/openapi.json`` with the interactive docs at ``/docs``.
+"""
 
 from __future__ import annotations
 
 import logging
-import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 import pacs_node
 from pacs_node.node import Node
+from pacs_node.queue import Dispatcher
 
 __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(node: Node, *, dispatcher: object | None = None) -> FastAPI:
-    """Build the HTTP application around an assembled :class:`Node`."""
+def create_app(node: Node, *, dispatcher: Dispatcher | None = None) -> FastAPI:
+    """Build the HTTP application around an assembled :class:`Node`.
+
+    Parameters
+    ----------
+    node:
+        The node (settings, database, storage, ingestor).
+    dispatcher:
+        Enqueues tasks (retry, analyze). ``None``: a
+        :class:`~pacs_node.queue.CeleryDispatcher` on the configured broker is
+        built on first use and closed when the application shuts down.
+
+    Returns
+    -------
+    FastAPI
+        The application (``app.state.node``, ``app.state.dispatcher``).
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if getattr(app.state, "owns_dispatcher", False):
+            close = getattr(app.state.dispatcher, "close", None)
+            if close is not None:
+                close()
+            app.state.dispatcher = None
+            app.state.owns_dispatcher = False
+
     app = FastAPI(
         title="pacs-node",
         version=pacs_node.__version__,
-        description="PACS-integrated anomaly detection node: DICOMweb ingest, job API.",
+        description=(
+            "PACS-integrated anomaly detection node: DICOMweb ingest, job API, health, metrics and dashboard. "
+            "Mutating endpoints need `Authorization: Bearer <http.api_token>`."
+        ),
+        lifespan=lifespan,
     )
     app.state.node = node
     app.state.dispatcher = dispatcher
+    app.state.owns_dispatcher = False
 
+    from pacs_node.api import dashboard, health, jobs, metrics, studies
+    from pacs_node.api.wado import router as wado_router
     from pacs_node.ingest.stow import router as stow_router
 
     app.include_router(stow_router)
-    from pacs_node.api.wado import router as wado_router
-
     app.include_router(wado_router)
-
-    @app.get("/healthz", tags=["health"])
-    def healthz() -> JSONResponse:
-        checks: dict[str, dict[str, object]] = {}
-        try:
-            node.db.ping()
-            checks["database"] = {"ok": True}
-        except Exception as exc:  # noqa: BLE001 - reported, not raised
-            checks["database"] = {"ok": False, "error": exc.__class__.__name__}
-        try:
-            usage = shutil.disk_usage(node.store.root)
-            checks["storage"] = {"ok": usage.free > node.settings.storage.min_free_bytes, "free_bytes": usage.free}
-        except OSError as exc:
-            checks["storage"] = {"ok": False, "error": str(exc)}
-        ok = all(bool(c["ok"]) for c in checks.values())
-        return JSONResponse({"ok": ok, "checks": checks}, status_code=200 if ok else 503)
-
+    app.include_router(jobs.router)
+    app.include_router(studies.router)
+    app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.include_router(dashboard.router)
+    app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
     return app

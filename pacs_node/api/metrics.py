@@ -114,13 +114,17 @@ class NodeCollector(Collector):
         """
         with self.node.db.sessionmaker() as s:
             received = s.execute(select(func.coalesce(func.sum(Instance.receive_count), 0))).scalar_one()
-            by_state = dict(s.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).tuples().all())
+            by_state = {
+                str(state): int(n)
+                for state, n in s.execute(select(Job.state, func.count(Job.id)).group_by(Job.state)).all()
+            }
             timings = list(s.execute(select(Job.timings)).scalars())
-            deliveries = dict(
-                s.execute(
+            deliveries = {
+                str(status): int(n)
+                for status, n in s.execute(
                     select(DeliveryAttempt.status, func.count(DeliveryAttempt.id)).group_by(DeliveryAttempt.status)
-                ).tuples().all()
-            )
+                ).all()
+            }
 
         c = CounterMetricFamily(
             "pacs_node_instances_received", "DICOM instances received (including re-sends)"

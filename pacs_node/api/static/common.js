@@ -1,0 +1,139 @@
+/* pacs-node dashboard: shared helpers (no framework, no build step). */
+"use strict";
+
+const PacsNode = (() => {
+  const TOKEN_KEY = "pacsNodeToken";
+  const REFRESH_MS = 3000;
+
+  /* A token given as ?token=... is kept in this tab's session storage and
+     removed from the address bar (so it does not stay in history). */
+  function initToken() {
+    const params = new URLSearchParams(window.location.search);
+    const given = params.get("token");
+    if (given) {
+      try { sessionStorage.setItem(TOKEN_KEY, given); } catch (e) { /* storage disabled */ }
+      params.delete("token");
+      const query = params.toString();
+      window.history.replaceState(null, "", window.location.pathname + (query ? "?" + query : ""));
+      return given;
+    }
+    try { return sessionStorage.getItem(TOKEN_KEY); } catch (e) { return null; }
+  }
+  const token = initToken();
+
+  class HttpError extends Error {
+    constructor(status, detail) {
+      super(`HTTP ${status}: ${detail}`);
+      this.status = status;
+      this.detail = detail;
+    }
+  }
+
+  function headers() {
+    return token ? { Authorization: "Bearer " + token } : {};
+  }
+
+  async function request(url, options = {}) {
+    const resp = await fetch(url, { ...options, headers: { ...headers(), ...(options.headers || {}) }, cache: "no-store" });
+    if (!resp.ok) {
+      let detail = resp.statusText;
+      try { const body = await resp.json(); detail = body.detail || detail; } catch (e) { /* not JSON */ }
+      throw new HttpError(resp.status, detail);
+    }
+    return resp;
+  }
+
+  async function getJson(url) {
+    return (await request(url)).json();
+  }
+
+  function notice(message) {
+    const box = document.getElementById("notice");
+    if (!box) return;
+    box.hidden = !message;
+    box.textContent = message || "";
+  }
+
+  function explain(err) {
+    if (err instanceof HttpError && (err.status === 401 || err.status === 403)) {
+      return token
+        ? "The API refused the token (" + err.detail + "). Open this page as /?token=YOUR_API_TOKEN."
+        : "This node requires an API token to read data: open this page as /?token=YOUR_API_TOKEN.";
+    }
+    return "Cannot reach the node API: " + err.message;
+  }
+
+  /* Element builder: el("td", {class: "x", title: "y"}, "text", child...). Text is
+     always set with textContent (never parsed as HTML). */
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === null || v === undefined || v === false) continue;
+      if (k === "class") node.className = v;
+      else node.setAttribute(k, v === true ? "" : String(v));
+    }
+    for (const child of children) {
+      if (child === null || child === undefined) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  function shortUid(uid) {
+    if (!uid) return "";
+    return uid.length > 22 ? uid.slice(0, 10) + "…" + uid.slice(-8) : uid;
+  }
+
+  function fmtTime(iso) {
+    if (!iso) return "";
+    const d = new Date(iso);
+    if (Number.isNaN(d.getTime())) return iso;
+    const pad = (n) => String(n).padStart(2, "0");
+    return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ` +
+      `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  }
+
+  function fmtSeconds(v) {
+    if (typeof v !== "number" || !Number.isFinite(v)) return "";
+    if (v < 1) return (v * 1000).toFixed(0) + " ms";
+    if (v < 120) return v.toFixed(1) + " s";
+    return (v / 60).toFixed(1) + " min";
+  }
+
+  function fmtBytes(n) {
+    if (typeof n !== "number") return "";
+    const units = ["B", "KiB", "MiB", "GiB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+    return (i === 0 ? n : n.toFixed(1)) + " " + units[i];
+  }
+
+  function stateBadge(state) {
+    return el("span", { class: "badge badge-" + (state || "unknown") }, state || "?");
+  }
+
+  /* Poll fn every REFRESH_MS (the next run starts after the previous ends). */
+  function poll(fn) {
+    const run = async () => {
+      try { await fn(); } finally { window.setTimeout(run, REFRESH_MS); }
+    };
+    run();
+  }
+
+  async function updateHealth() {
+    const badge = document.getElementById("health");
+    if (!badge) return;
+    try {
+      const resp = await fetch("/healthz", { cache: "no-store" });
+      const body = await resp.json();
+      const failed = Object.entries(body.checks || {}).filter(([, c]) => !c.ok).map(([k]) => k);
+      badge.className = "badge " + (body.ok ? "badge-done" : "badge-failed");
+      badge.textContent = body.ok ? "healthy" : "unhealthy: " + failed.join(", ");
+    } catch (e) {
+      badge.className = "badge badge-failed";
+      badge.textContent = "unreachable";
+    }
+  }
+
+  return { token, request, getJson, notice, explain, el, shortUid, fmtTime, fmtSeconds, fmtBytes, stateBadge, poll, updateHealth, HttpError };
+})();

@@ -1,0 +1,150 @@
+/* Job page: GET /api/v1/jobs/{id} every 3 s; key images rendered by the node. */
+"use strict";
+
+(() => {
+  const { el, getJson, request, token, notice, explain, shortUid, fmtTime, fmtSeconds, fmtBytes, stateBadge, poll } = PacsNode;
+  const match = window.location.pathname.match(/\/jobs\/(\d+)/);
+  const jobId = match ? Number(match[1]) : NaN;
+  const TERMINAL = ["done", "failed", "delivery_failed", "skipped", "cancelled"];
+  let keyImagesVersion = null;
+  const objectUrls = [];
+
+  function fill(tableId, rows) {
+    const tbody = document.querySelector("#" + tableId + " tbody");
+    const cols = document.querySelectorAll("#" + tableId + " thead th").length || 2;
+    tbody.replaceChildren(...(rows.length ? rows : [el("tr", { class: "placeholder" }, el("td", { colspan: cols }, "none"))]));
+  }
+
+  function summary(job) {
+    const items = [
+      ["Study UID", job.study_instance_uid, "uid"],
+      ["Accession", job.accession_number],
+      ["Study version", job.study_version],
+      ["Modalities", (job.modalities || []).join(", ")],
+      ["Series analysed", job.source_series_uid, "uid"],
+      ["Instances / series", `${job.instance_count} / ${job.series_count}`],
+      ["Profile", job.model_profile],
+      ["Reason", job.reason],
+      ["Attempts", job.attempts],
+      ["Worker", job.worker_host],
+      ["Created", fmtTime(job.created_at)],
+      ["Queued", fmtTime(job.queued_at)],
+      ["Started", fmtTime(job.started_at)],
+      ["Finished", fmtTime(job.finished_at)],
+      ["Study score", typeof job.study_score === "number" ? job.study_score.toFixed(4) : ""],
+      ["Error", job.error, "error"],
+    ];
+    const dl = document.getElementById("summary");
+    dl.replaceChildren();
+    for (const [k, v, cls] of items) {
+      if (v === null || v === undefined || v === "") continue;
+      dl.append(el("dt", {}, k), el("dd", { class: cls || null }, String(v)));
+    }
+  }
+
+  function timings(job) {
+    const entries = Object.entries(job.timings || {}).filter(([, v]) => typeof v === "number");
+    const max = Math.max(0.001, ...entries.map(([, v]) => v));
+    fill("timings", entries.map(([stage, v]) => el("tr", {},
+      el("th", {}, stage.replace("_", " ")),
+      el("td", { class: "num" }, fmtSeconds(v)),
+      el("td", { class: "barcell" }, el("span", { class: "bar", style: null, "data-w": Math.round((100 * v) / max) })))));
+    for (const bar of document.querySelectorAll("#timings .bar")) bar.style.width = bar.dataset.w + "%";
+  }
+
+  function findings(job) {
+    const f = job.findings || {};
+    const items = Array.isArray(f.items) ? f.items : [];
+    const count = job.findings_count;
+    document.getElementById("findings-summary").textContent =
+      count === null || count === undefined ? "not analysed yet" : count === 0 ? "no findings" : `${count} finding(s)`;
+    const num = (v, d) => (typeof v === "number" ? v.toFixed(d) : "");
+    fill("findings", items.map((it, i) => el("tr", {},
+      el("td", {}, i + 1),
+      el("td", { class: "num" }, num(it.volume_mm3, 1)),
+      el("td", { class: "num" }, num(it.max_score, 3)),
+      el("td", { class: "num" }, num(it.mean_score, 3)),
+      el("td", {}, Array.isArray(it.centroid) ? it.centroid.map((c) => num(c, 1)).join(", ") : ""))));
+  }
+
+  function events(job) {
+    fill("events", (job.events || []).map((e) => el("tr", {},
+      el("td", { class: "nowrap" }, fmtTime(e.at)),
+      el("td", {}, e.from_state ? stateBadge(e.from_state) : ""),
+      el("td", {}, stateBadge(e.to_state)),
+      el("td", {}, e.message || ""),
+      el("td", {}, e.host || ""))));
+  }
+
+  function outputs(job) {
+    fill("outputs", (job.outputs || []).map((o) => el("tr", {},
+      el("td", {}, o.kind),
+      el("td", { class: "uid", title: o.sop_instance_uid }, shortUid(o.sop_instance_uid)),
+      el("td", { class: "num" }, fmtBytes(o.size_bytes)),
+      el("td", {}, o.validation || ""))));
+  }
+
+  function deliveries(job) {
+    fill("deliveries", (job.deliveries || []).map((d) => el("tr", {},
+      el("td", {}, d.destination),
+      el("td", { class: "num" }, d.attempt),
+      el("td", {}, el("span", { class: "badge badge-" + (d.status === "success" ? "done" : "failed") }, d.status)),
+      el("td", { class: "num" }, d.status_code === null ? "" : d.status_code),
+      el("td", { class: "nowrap" }, fmtTime(d.started_at)),
+      el("td", { class: "error" }, d.error || ""))));
+  }
+
+  async function keyImages(job) {
+    const version = `${job.state}/${(job.outputs || []).map((o) => o.sha256).join(",")}`;
+    if (version === keyImagesVersion) return;
+    const info = await getJson(`/jobs/${jobId}/keyimages`);
+    const box = document.getElementById("keyimages");
+    const figures = [];
+    for (const img of info.images) {
+      const blob = await (await request(img.url)).blob();
+      const url = URL.createObjectURL(blob);
+      objectUrls.push(url);
+      const caption = img.outlined
+        ? `slice ${img.slice_index + 1}/${info.slices} · anomaly area ${img.area_px} px`
+        : `slice ${img.slice_index + 1}/${info.slices} (middle) · no findings`;
+      figures.push(el("figure", { "data-key-image": img.n },
+        el("img", { src: url, alt: caption, class: "keyimage" }),
+        el("figcaption", {}, caption)));
+    }
+    while (objectUrls.length > figures.length) URL.revokeObjectURL(objectUrls.shift());
+    box.replaceChildren(...figures);
+    document.getElementById("keyimages-msg").textContent = info.message;
+    keyImagesVersion = version;
+  }
+
+  const retryButton = document.getElementById("retry");
+  retryButton.addEventListener("click", async () => {
+    const msg = document.getElementById("retry-msg");
+    try {
+      const resp = await request(`/api/v1/jobs/${jobId}/retry`, { method: "POST" });
+      const body = await resp.json();
+      msg.textContent = "retry accepted: " + body.state;
+    } catch (err) {
+      msg.textContent = err.message;
+    }
+  });
+
+  async function refresh() {
+    if (!Number.isFinite(jobId)) { notice("No job id in the address."); return; }
+    try {
+      const job = await getJson(`/api/v1/jobs/${jobId}`);
+      notice("");
+      document.title = `pacs-node · job ${job.id} (${job.state})`;
+      document.getElementById("title").textContent = `Job #${job.id}`;
+      document.getElementById("state").replaceWith(Object.assign(stateBadge(job.state), { id: "state" }));
+      retryButton.hidden = !(token && TERMINAL.includes(job.state));
+      summary(job); timings(job); findings(job); events(job); outputs(job); deliveries(job);
+      await keyImages(job);
+    } catch (err) {
+      if (err instanceof PacsNode.HttpError && err.status === 404) notice(`Job ${jobId} does not exist.`);
+      else notice(explain(err));
+    }
+  }
+
+  poll(refresh);
+})();
