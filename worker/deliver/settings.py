@@ -83,12 +83,16 @@ class DestinationSettings(BaseModel):
     def _check_calling(cls, v: str | None) -> str | None:
         return None if v is None else _ae(v)
 
+    @field_validator("ae_title")
+    @classmethod
+    def _check_called(cls, v: str) -> str:
+        return _ae(v) if v else ""
+
     @model_validator(mode="after")
     def _check_kind(self) -> "DestinationSettings":
         if self.kind == "dimse":
             if not self.host:
                 raise ValueError("a dimse destination needs host")
-            self.ae_title = _ae(self.ae_title) if self.ae_title else ""
             if not self.ae_title:
                 raise ValueError("a dimse destination needs ae_title")
         else:
