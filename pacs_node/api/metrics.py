@@ -133,11 +133,12 @@ class NodeCollector(Collector):
         yield c
 
         g = GaugeMetricFamily("pacs_node_jobs", "Jobs per state", labels=["state"])
-        for state in JobState:
-            g.add_metric([state.value], float(by_state.get(state.value, 0)))
-        for state, n in sorted(by_state.items()):
-            if state not in {x.value for x in JobState}:
-                g.add_metric([state], float(n))
+        known = [x.value for x in JobState]
+        for name in known:
+            g.add_metric([name], float(by_state.get(name, 0)))
+        for name, n in sorted(by_state.items()):
+            if name not in known:
+                g.add_metric([name], float(n))
         yield g
 
         h = HistogramMetricFamily(

@@ -289,7 +289,7 @@ def render_slice(path: Path, mask: NDArray[np.bool_] | None) -> bytes:
     gray = window_to_uint8(ds, pixels)
     rgb = np.stack([gray, gray, gray], axis=-1)
     if mask is not None:
-        edge = outline(_fit(mask, gray.shape))  # type: ignore[arg-type]
+        edge = outline(_fit(mask, (gray.shape[0], gray.shape[1])))
         rgb[edge] = OUTLINE_RGB
     buf = io.BytesIO()
     Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", optimize=False)
