@@ -48,6 +48,25 @@ def test_deliver_to_storescp(job: JobWithOutputs, storescp: Callable[..., StoreS
     assert events(job)[-2:] == [("running", "delivering"), ("delivering", "done")]
 
 
+def test_dimse_deliverer_sets_nodelay_and_proposes_only_needed_contexts(
+    job: JobWithOutputs, pyscp: Callable[..., PyScp]
+) -> None:
+    from worker.deliver.base import DeliveryItem
+    from worker.deliver.dimse import DimseDeliverer
+
+    proposed: list[tuple[str, list[str]]] = []
+    scp = pyscp(lambda e: 0)
+    scp.server.bind(evt.EVT_REQUESTED, lambda e: proposed.extend(
+        (str(cx.abstract_syntax), [str(t) for t in cx.transfer_syntax]) for cx in e.assoc.requestor.requested_contexts))
+    (dest,) = load_destinations([{"name": "p", "kind": "dimse", "host": "127.0.0.1", "port": scp.port,
+                                  "ae_title": "REFUSER"}], "CALLER")
+    d = DimseDeliverer(dest)
+    items = [DeliveryItem(w.path, w.sop_class_uid, w.sop_instance_uid, w.kind) for w in job.written]
+    assert d.send(items).ok and d.nodelay
+    assert sorted(p[0] for p in proposed) == sorted({w.sop_class_uid for w in job.written})
+    assert all(ts == ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"] for _, ts in proposed)
+
+
 def test_destination_down_then_up(job: JobWithOutputs, storescp: Callable[..., StoreSCP]) -> None:
     port = free_port()  # nothing listens yet: connection refused
     dests = load_destinations([{"name": "late", "kind": "dimse", "host": "127.0.0.1", "port": port,

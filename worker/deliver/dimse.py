@@ -47,6 +47,9 @@ def _transfer_syntax(item: DeliveryItem) -> str:
 class DimseDeliverer(Deliverer):
     """C-STORE SCU to ``ae_title@host:port`` from ``calling_ae_title``."""
 
+    #: Whether TCP_NODELAY was set on the last association's socket.
+    nodelay: bool = False
+
     def send(self, items: Sequence[DeliveryItem]) -> DeliveryResult:
         s = self.settings
         contexts: dict[str, list[str]] = {}
@@ -85,7 +88,9 @@ class DimseDeliverer(Deliverer):
             return self._not_established(assoc, seen, items)
         try:
             try:
-                assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
+                sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.nodelay = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
             except (AttributeError, OSError) as exc:  # pragma: no cover - socket already gone
                 log.debug("cannot set TCP_NODELAY: %s", exc)
             accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
