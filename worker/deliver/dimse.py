@@ -88,7 +88,7 @@ class DimseDeliverer(Deliverer):
             return self._not_established(assoc, seen, items)
         try:
             try:
-                sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+                sock: Any = assoc.dul.socket.socket  # type: ignore[union-attr]
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self.nodelay = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
             except (AttributeError, OSError) as exc:  # pragma: no cover - socket already gone

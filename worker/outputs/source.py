@@ -139,18 +139,30 @@ class SourceSeries:
         first = datasets[0]
         self.rows = int(first.Rows)
         self.columns = int(first.Columns)
+        self._files: dict[str, Path] = {}
+        self._pixel_cache: tuple[str, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ build
     @classmethod
     def from_files(cls, paths: Iterable[str | Path], order: Sequence[_RefLike] | None = None) -> "SourceSeries":
-        """Read the files (with pixel data, for overlays) and sort them; see :meth:`from_datasets`."""
+        """Read the files' headers and sort them; see :meth:`from_datasets`.
+
+        Pixel data is not kept in memory (SEG, map and SR need only the
+        headers); :meth:`slice_pixels` reads it from the file when an overlay
+        is drawn.
+        """
         datasets = []
+        files: dict[str, Path] = {}
         for p in paths:
             try:
-                datasets.append(pydicom.dcmread(str(p)))
+                ds = pydicom.dcmread(str(p), stop_before_pixels=True)
             except Exception as exc:  # noqa: BLE001 - any unreadable file
                 raise SourceError(f"cannot read {Path(p).name}: {type(exc).__name__}") from None
-        return cls.from_datasets(datasets, order)
+            datasets.append(ds)
+            files[str(ds.get("SOPInstanceUID", ""))] = Path(p)
+        series = cls.from_datasets(datasets, order)
+        series._files = files
+        return series
 
     @classmethod
     def from_datasets(cls, datasets: Sequence[Dataset], order: Sequence[_RefLike] | None = None) -> "SourceSeries":
@@ -299,7 +311,7 @@ class SourceSeries:
         """Pixel values (rescaled, float32) of slice ``z``."""
         ref = self.slices[z]
         ds = self.datasets[ref.dataset_index]
-        pix = ds.pixel_array
+        pix = self._pixels(ds)
         if ref.frame_number is not None:
             pix = pix[ref.frame_number - 1] if pix.ndim == 3 else pix
             trans = None
@@ -313,6 +325,17 @@ class SourceSeries:
             slope = float(ds.get("RescaleSlope", 1) or 1)
             inter = float(ds.get("RescaleIntercept", 0) or 0)
         return np.asarray(pix, np.float32) * slope + inter
+
+    def _pixels(self, ds: Dataset) -> np.ndarray:
+        uid = str(ds.SOPInstanceUID)
+        if self._pixel_cache is not None and self._pixel_cache[0] == uid:
+            return self._pixel_cache[1]
+        if "PixelData" in ds or uid not in self._files:
+            pix = ds.pixel_array
+        else:
+            pix = pydicom.dcmread(str(self._files[uid])).pixel_array
+        self._pixel_cache = (uid, pix)
+        return pix
 
     def dataset_of(self, z: int) -> Dataset:
         return self.datasets[self.slices[z].dataset_index]
