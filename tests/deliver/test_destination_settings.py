@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import JobWithOutputs, StoreSCP
+from peers import JobWithOutputs, StoreSCP
 from nodetest import make_settings
 from worker.deliver.base import DeliveryResult, InstanceStatus
 from worker.deliver.service import deliver_job

@@ -11,7 +11,7 @@ import pytest
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select
 
-from conftest import JobWithOutputs, StoreSCP  # noqa: F401 - tests/deliver/conftest.py
+from peers import JobWithOutputs, StoreSCP  # noqa: F401 - tests/deliver/conftest.py
 from nodetest import free_port
 from pacs_node.db.models import DeliveryAttempt, JobEvent
 from worker.deliver.service import DeliveryError, deliver_job
@@ -216,7 +216,7 @@ def test_sop_class_not_supported(job: JobWithOutputs, pyscp: Callable[..., PyScp
 
 
 def test_state_rules(job: JobWithOutputs, tmp_path: Path) -> None:
-    from conftest import make_job_with_outputs
+    from peers import make_job_with_outputs
 
     queued = make_job_with_outputs(tmp_path / "q", state="queued")
     with pytest.raises(DeliveryError, match="queued"):

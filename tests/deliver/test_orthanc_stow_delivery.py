@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from conftest import JobWithOutputs, OrthancServer
+from peers import JobWithOutputs, OrthancServer
 from pacs_node.db.models import DeliveryAttempt
 from worker.deliver.service import deliver_job
 from worker.deliver.settings import load_destinations
