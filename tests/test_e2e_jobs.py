@@ -110,6 +110,7 @@ device = "cpu"
 num_threads = 1
 [outputs]
 anomaly_map = "none"
+seg_when_empty = "empty"
 [[destinations]]
 name = "archive"
 kind = "dimse"

@@ -1,7 +1,7 @@
 """Fixtures over the real peers of ``peers.py`` (Orthanc, dcmtk storescp) and
 a job with real outputs. The classes and launchers are importable as
 ``from peers import OrthancServer, start_orthanc, StoreSCP, make_job_with_outputs``
-(module ``tests/deliver/peers.py``; a unique name, unlike ``conftest``).
+(module ``tests/peers.py``; a unique name, unlike ``conftest``).
 
 Orthanc::
 
