@@ -182,6 +182,21 @@ def test_example_config_is_valid_and_complete(tmp_path: Path) -> None:
     settings = load_settings(example)
     data = tomllib.loads(example.read_text())
     text = example.read_text()
+    # Sections validated by the worker's own models.
+    from worker.engine.settings import EngineSettings
+    from worker.outputs.settings import OutputSettings
+    from worker.settings import WorkerSettings
+
+    EngineSettings.model_validate(settings.engine)
+    OutputSettings.model_validate(settings.outputs)
+    WorkerSettings.from_settings(settings)
+    for model, section in ((EngineSettings, "engine"), (OutputSettings, "outputs"), (WorkerSettings, "worker")):
+        for key in model.model_fields:
+            if key == "engine":
+                continue
+            assert f"{key} =" in text, f"{section}.{key} undocumented"
+    for key in ("name", "kind", "host", "port", "ae_title", "url", "token", "max_attempts", "backoff_seconds"):
+        assert f"# {key} =" in text, f"destinations.{key} undocumented"
     for section, model in Settings.model_fields.items():
         sub = getattr(settings, section)
         if hasattr(sub, "model_fields"):
