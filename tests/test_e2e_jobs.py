@@ -200,6 +200,16 @@ def test_serve_alone_takes_a_study_to_seg_and_sr(tmp_path: Path, tiny_model: Pat
         assert len(kinds.get(SEG, [])) == 1 and len(kinds.get(COMPREHENSIVE_3D_SR, [])) == 1, kinds
         seg = dcmread(next(f for f in received.rglob("*") if f.is_file() and dcmread(f).SOPClassUID == SEG))
         assert seg.StudyInstanceUID == study_uid
+        # A retry runs the job again; deterministic UIDs mean the archive gets
+        # the same instances again (replaced), not new ones.
+        out = _cli(cfg, "jobs", "retry", str(job["id"]), "--json")
+        assert out.returncode == 0 and json.loads(out.stdout)["state"] == "queued", out.stderr
+        _wait_jobs(cfg, 1, {"done"}, [tmp_path / "node.log"])
+        again = _received(received)
+        assert {k: set(v) for k, v in again.items()} == {k: set(v) for k, v in kinds.items()}
+        assert len(again[SEG]) == 2  # sent twice, same SOP Instance UID
+        busy = _cli(cfg, "jobs", "retry", "999")
+        assert busy.returncode == 1 and "not found" in busy.stderr
     finally:
         node.stop()
 

@@ -46,6 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     js.add_argument("job_id", type=int, metavar="ID")
     js.add_argument("--json", action="store_true", help="one JSON object on stdout")
     js.set_defaults(func=cmd_jobs_show)
+    jr = jsub.add_parser("retry", help="run a finished job again (re-deliver a delivery_failed job)")
+    add_config_arg(jr)
+    jr.add_argument("job_id", type=int, metavar="ID")
+    jr.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    jr.set_defaults(func=cmd_jobs_retry)
 
 
 def _db(args: argparse.Namespace) -> Database:
@@ -154,4 +159,30 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     print("events:")
     for e in job.events:
         print(f"  {e.at:%Y-%m-%d %H:%M:%S}  {e.from_state or '-':>15} -> {e.to_state:<15} {e.message or ''}")
+    return 0
+
+
+def cmd_jobs_retry(args: argparse.Namespace) -> int:
+    from pacs_node.jobs.actions import JobBusyError, JobNotFoundError, retry_job
+    from pacs_node.queue import CeleryDispatcher
+
+    settings = load(args, quiet=True)
+    db = Database(settings.database.url)
+    dispatcher = CeleryDispatcher(settings)
+    try:
+        retry_job(db, dispatcher, args.job_id)
+        with db.sessionmaker() as s:
+            job = get_job(s, args.job_id)
+    except JobNotFoundError as exc:
+        return die(str(exc), 1)
+    except JobBusyError as exc:
+        return die(f"{exc}; retry it once it has finished", 1)
+    finally:
+        dispatcher.close()
+        db.dispose()
+    assert job is not None
+    if args.json:
+        print_json({"job_id": job.id, "state": job.state})
+    else:
+        print(f"job {job.id} is {job.state}")
     return 0
