@@ -128,17 +128,19 @@ def _cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _wait_port(port: int, proc: Proc) -> None:
+    """Wait until the node listens on ``port`` and says it is serving (a port
+    merely open could belong to another process if the node failed to bind)."""
     deadline = time.monotonic() + 30
-    while not tcp_open("127.0.0.1", port):
+    while not (tcp_open("127.0.0.1", port) and "pacs-node serving" in proc.log.read_text()):
         assert proc.p.poll() is None, proc.log.read_text()[-3000:]
         assert time.monotonic() < deadline, proc.log.read_text()[-3000:]
         time.sleep(0.1)
 
 
 def _send(files: list[Path], port: int) -> None:
-    res = subprocess.run([require_tool("storescu"), "-aet", "PACS", "-aec", "PACSNODE", "127.0.0.1", str(port),
+    res = subprocess.run([require_tool("storescu"), "-v", "-aet", "PACS", "-aec", "PACSNODE", "127.0.0.1", str(port),
                           *map(str, files)], capture_output=True, text=True, env=NODELAY_ENV, timeout=60)
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
 def _jobs(cfg: Path) -> list[dict]:
