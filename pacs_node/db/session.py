@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = ["Database"]
@@ -28,6 +28,13 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    if conn.get_execution_options().get("pacs_node_read_only"):
+        conn.exec_driver_sql("BEGIN")
+    else:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class Database:
@@ -60,7 +67,9 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             # Take the write lock at BEGIN so that read-then-write transactions
             # serialize instead of failing with "database is locked" on upgrade.
-            event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+            # Read-only connections (``read_connection``) begin DEFERRED: a
+            # WAL reader never waits for the writer.
+            event.listen(self.engine, "begin", _sqlite_begin)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -69,6 +78,16 @@ class Database:
         with self.sessionmaker() as s:
             with s.begin():
                 yield s
+
+    @contextmanager
+    def read_connection(self) -> Iterator[Connection]:
+        """A Core connection for short reads; on SQLite its transaction is
+        ``BEGIN`` (deferred), so it neither takes nor waits for the write lock.
+        Never write through it."""
+        with self.engine.connect() as conn:
+            if self.is_sqlite:
+                conn = conn.execution_options(pacs_node_read_only=True)
+            yield conn
 
     def ping(self) -> None:
         """Raise if the database cannot be reached."""
