@@ -197,3 +197,27 @@ def test_volume_index_to_patient() -> None:
     np.testing.assert_allclose(img.TransformContinuousIndexToPhysicalPoint((1.0, 1.0, 1.0)), (5.0, 4.0, 3.0))
     with pytest.raises(ValueError):
         Volume(np.zeros((3, 3)))
+
+
+def test_edge_aware_residual_and_smoothing() -> None:
+    x = np.zeros((1, 16, 16), np.float32)
+    recon = np.zeros_like(x)
+    recon[:, :, 8:] = 1.0  # a vertical edge in the reconstruction
+    x[:, :, :] = recon + 0.1
+    plain = residual_map(x, recon)
+    aware = residual_map(x, recon, edge_weight=10.0)
+    np.testing.assert_allclose(plain, 0.1, rtol=1e-6)
+    assert aware[0, 4, 8] < 0.05 and aware[0, 4, 2] == pytest.approx(0.1)
+    spike = np.zeros((3, 9, 9), np.float32)
+    spike[1, 4, 4] = 1.0
+    sm = median_smooth(spike, (1, 1, 1), sigma=1.0)
+    assert sm.sum() == pytest.approx(1.0, rel=1e-3) and sm.max() < 0.2
+
+
+def test_combined_with_pixel_zscore_keys() -> None:
+    from worker.engine.scoring import component_keys
+
+    assert component_keys(ScoringConfig(method="combined", combine_with="pixel_zscore", polarity="bright")) == [
+        "residual", "pixel_zscore:bright"]
+    with pytest.raises(ValueError):
+        ScoringConfig.from_dict({"method": "combined", "combine_with": "nope"})

@@ -41,7 +41,7 @@ class DemoConfig:
     n_calib: int = 10
     n_select: int = 10
     unet: UNetConfig = field(default_factory=UNetConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=12, steps_per_epoch=100, max_minutes=7.5,
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=16, steps_per_epoch=100, max_minutes=8.0,
                                                                    noise_res=(8, 16, 32)))
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)

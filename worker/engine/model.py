@@ -33,6 +33,10 @@ class UNetConfig:
         Groups for GroupNorm (reduced automatically when not dividing).
     max_channels:
         Upper bound on channels per level.
+    residual_output:
+        Predict a correction added to the centre input slice (global skip,
+        DnCNN-style): normal structure passes through unchanged and the
+        network only learns to undo deviations from normal anatomy.
     """
 
     in_channels: int = 3
@@ -42,6 +46,7 @@ class UNetConfig:
     norm: str = "group"
     groups: int = 8
     max_channels: int = 256
+    residual_output: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -134,6 +139,8 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruct; ``x`` is ``(N, in_channels, H, W)``."""
+        c = self.cfg.in_channels // 2
+        inp = x[:, c:c + self.cfg.out_channels] if self.cfg.residual_output else None
         skips = []
         for i, block in enumerate(self.enc):
             x = block(x)
@@ -143,7 +150,8 @@ class UNet(nn.Module):
         for up, dec in zip(self.up, self.dec):
             x = up(x)
             x = dec(torch.cat([x, skips.pop()], dim=1))
-        return self.head(x)
+        out = self.head(x)
+        return out + inp if inp is not None else out
 
 
 def build_model(cfg: UNetConfig) -> UNet:

@@ -232,7 +232,7 @@ class Predictor:
                 m = pixel_zscore(pre.image, mean, std, pol or scfg.polarity)
             else:
                 raise ValueError(f"unknown score component {k!r}")
-            model_maps[k] = median_smooth(m * region_m, scfg.median_size)
+            model_maps[k] = median_smooth(m * region_m, scfg.median_size, scfg.smooth_sigma)
         maps = {k: np.maximum(from_model_grid(volume, v, linear=True), 0.0) * region_src for k, v in model_maps.items()}
         t3 = time.perf_counter()
         return Components(maps=maps, region=region_src, pre=pre,

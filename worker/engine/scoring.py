@@ -44,6 +44,9 @@ class ScoringConfig:
         ``"combined"`` (normalised residual + weighted intensity outlier).
     median_size:
         Median filter ``(z, y, x)`` applied on the model grid.
+    smooth_sigma:
+        Gaussian smoothing (model-grid pixels, in-plane and through-plane)
+        after the median filter; 0 disables.
     erode_mm:
         Foreground erosion before scoring (excludes the body boundary).
     target_fpr:
@@ -54,6 +57,9 @@ class ScoringConfig:
         Intensity-outlier tail: ``"bright"``, ``"dark"`` or ``"both"``.
     combine_weight:
         Weight of the intensity-outlier term in ``"combined"``.
+    combine_with:
+        Second term of ``"combined"``: ``"intensity"`` (robust z within the
+        study) or ``"pixel_zscore"`` (deviation from the normal atlas).
     edge_weight:
         Edge-aware residual: ``|x - x̂| / (1 + edge_weight * |∇x̂|)``, which
         discounts the unavoidable reconstruction error on normal edges
@@ -70,14 +76,16 @@ class ScoringConfig:
 
     method: str = "residual"
     median_size: tuple[int, int, int] = (3, 3, 3)
+    smooth_sigma: float = 0.7
     erode_mm: float = 8.0
-    target_fpr: float = 0.005
+    target_fpr: float = 0.001
     threshold: float | None = None
     polarity: str = "both"
-    combine_weight: float = 1.0
+    combine_weight: float = 0.5
+    combine_with: str = "intensity"
     edge_weight: float = 0.0
     scales: dict[str, float] = field(default_factory=dict)
-    min_volume_mm3: float = 100.0
+    min_volume_mm3: float = 200.0
     closing: bool = True
     fill_holes: bool = True
     calibration: dict[str, Any] = field(default_factory=dict)
@@ -103,6 +111,8 @@ class ScoringConfig:
             raise ValueError(f"unknown scoring method {cfg.method!r}")
         if cfg.polarity not in ("bright", "dark", "both"):
             raise ValueError(f"unknown polarity {cfg.polarity!r}")
+        if cfg.combine_with not in ("intensity", "pixel_zscore"):
+            raise ValueError(f"unknown combine_with {cfg.combine_with!r}")
         return cfg
 
 
@@ -216,11 +226,12 @@ def pixel_zscore(x: np.ndarray, mean: np.ndarray, std: np.ndarray, polarity: str
     return _tail(z, polarity).astype(np.float32)
 
 
-def median_smooth(score: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
-    """Median filter (no-op for size 1)."""
-    if all(s <= 1 for s in size):
-        return score
-    return ndi.median_filter(score, size=size, mode="nearest")
+def median_smooth(score: np.ndarray, size: tuple[int, int, int], sigma: float = 0.0) -> np.ndarray:
+    """Median filter (no-op for size 1), then optional Gaussian smoothing with ``sigma`` pixels."""
+    out = score if all(s <= 1 for s in size) else ndi.median_filter(score, size=size, mode="nearest")
+    if sigma > 0:
+        out = ndi.gaussian_filter(out, sigma=sigma, mode="nearest")
+    return out
 
 
 def fuse(components: dict[str, np.ndarray], cfg: ScoringConfig) -> np.ndarray:
@@ -259,7 +270,7 @@ def component_keys(cfg: ScoringConfig) -> list[str]:
     if m in ("intensity", "pixel_zscore"):
         return [f"{m}:{cfg.polarity}"]
     if m == "combined":
-        return ["residual", f"intensity:{cfg.polarity}"]
+        return ["residual", f"{cfg.combine_with}:{cfg.polarity}"]
     raise ValueError(f"unknown scoring method {m!r}")
 
 

@@ -255,13 +255,25 @@ def inject_anomalies(
             beta = rng.uniform(0.0, 0.8)
             out = (1 - w) * out + w * (beta * out + (1 - beta) * mean + c * tex)
         elif kind == "patch":
-            src = _pick_center(rng, lab, (2, 3, 4, 5))
-            shift = np.round(src - center).astype(int)
-            if np.abs(shift[1:]).max() < 4:
-                shift[1:] += 8
-            donor = np.roll(before, shift=tuple(-shift), axis=(0, 1, 2))
-            if rng.random() < 0.5:
-                donor = donor[:, :, ::-1]
+            # donor content from elsewhere in the head; a donor that happens to
+            # look like the destination (e.g. white matter onto white matter)
+            # would be an invisible "anomaly", so keep the most different of a
+            # few candidates
+            region = w > 0.5
+            flip = rng.random() < 0.5
+            best, best_diff = before, -1.0
+            for _ in range(6):
+                src = _pick_center(rng, lab, (2, 3, 4, 5))
+                shift = np.round(src - center).astype(int)
+                if np.abs(shift[1:]).max() < 4:
+                    shift[1:] += 8
+                cand = np.roll(before, shift=tuple(-shift), axis=(0, 1, 2))
+                if flip:
+                    cand = cand[:, :, ::-1]
+                diff = float(np.abs(cand - before)[region].mean()) if region.any() else 0.0
+                if diff > best_diff:
+                    best, best_diff = cand, diff
+            donor = best
             alpha = rng.uniform(0.6, 1.0)
             out = (1 - alpha * w) * out + alpha * w * donor
             c = alpha
@@ -279,7 +291,10 @@ def inject_anomalies(
             region = (np.abs(mag) >= 1.0) & brain
         changed = region & (np.abs(out - before) > 1e-4)
         if kind == "deform":
-            changed = region
+            # label the displaced structure: voxels in the deformed zone whose
+            # appearance changed visibly, closed within the zone
+            moved = region & (np.abs(out - before) > 0.03)
+            changed = ndi.binary_closing(moved, structure=np.ones((1, 3, 3), bool)) & region if moved.any() else moved
         gt |= changed
         cnt = int(changed.sum())
         lesion_mean = float(out[changed].mean()) if cnt else 0.0

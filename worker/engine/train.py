@@ -360,11 +360,11 @@ def train(
     t0 = time.monotonic()
     clock.update(t0=t0, before=elapsed_before)
     model.train()
+    bar = tqdm(total=total, initial=start_epoch * cfg.steps_per_epoch, desc="training", unit="step",
+               disable=not progress, dynamic_ncols=True)
     for epoch in range(start_epoch, cfg.epochs):
-        bar = tqdm(range(cfg.steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                   leave=False, dynamic_ncols=True)
         run = 0.0
-        for step in bar:
+        for step in range(cfg.steps_per_epoch):
             idx = torch.randint(len(train_data.x), (cfg.batch_size,), generator=gen)
             x, fg = _augment(train_data.x[idx], train_data.fg[idx], cfg, gen)
             inp = corrupt(x, fg, cfg, gen) if cfg.objective == "dae" else x
@@ -376,8 +376,8 @@ def train(
             sched.step()
             lv = loss.detach().item()
             run = 0.9 * run + 0.1 * lv if step else lv
-            bar.set_postfix(loss=f"{run:.5f}", lr=f"{sched.get_last_lr()[0]:.1e}")
-        bar.close()
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{run:.5f}", lr=f"{sched.get_last_lr()[0]:.1e}", refresh=False)
         val = validate(model, val_data, cfg, dev)
         res.history.append({"epoch": epoch + 1, "train_loss": run, "val_loss": val})
         if val < res.best_val_loss:
@@ -404,6 +404,7 @@ def train(
         if cfg.max_minutes and seconds + (seconds - elapsed_before) / (epoch + 1 - start_epoch) * 0.5 > cfg.max_minutes * 60:
             res.stopped = "time_budget"
             break
+    bar.close()
     model.load_state_dict(best_state)
     model.eval()
     res.seconds = elapsed_before + time.monotonic() - t0
