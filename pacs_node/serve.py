@@ -23,13 +23,16 @@ from pathlib import Path
 import uvicorn
 
 from pacs_node.api.app import create_app
-from pacs_node.assemble.scheduler import StudyAssembler
-from pacs_node.config import Settings
+from pacs_node.assemble.scheduler import CompletenessResult, StudyAssembler
+from pacs_node.config import ConfigError, Settings
+from pacs_node.db.models import Study
 from pacs_node.ingest.dimse import DimseServer
 from pacs_node.jobs.actions import enqueue
 from pacs_node.jobs.routing import parse_rules
 from pacs_node.jobs.supervisor import JobSupervisor
 from pacs_node.node import Node
+from pacs_node.pull.completeness import CompletenessChecker
+from pacs_node.pull.service import PullService
 from pacs_node.queue import CeleryDispatcher, Dispatcher
 
 __all__ = ["NodeServer", "WorkerProcess", "serve"]
@@ -102,11 +105,22 @@ class NodeServer:
     worker:
         A local worker process to run alongside (``serve`` with the
         embedded defaults); None when workers run elsewhere.
+
+    Raises
+    ------
+    ConfigError
+        When ``[[sources]]`` is invalid.
     """
 
     def __init__(self, node: Node, *, dispatcher: Dispatcher | None = None,
                  worker: WorkerProcess | None = None) -> None:
         self.node = node
+        try:
+            # Pull mode (API analyze with a source) and the archive completeness check.
+            self.pulls = PullService(node)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.completeness = CompletenessChecker(node.db, self.pulls.sources, node.settings.study.stable_seconds)
         self.dispatcher: Dispatcher = dispatcher or CeleryDispatcher(node.settings)
         self.worker = worker
         self.dimse = DimseServer(node.settings.dicom, node.ingestor)
@@ -115,9 +129,11 @@ class NodeServer:
             node.settings.study,
             on_job_created=self._enqueue,
             rules=parse_rules(node.settings.routing),
+            completeness=self._completeness,
         )
         self.supervisor = JobSupervisor(node.db, self.dispatcher)
         self.app = create_app(node, dispatcher=self.dispatcher)
+        self.app.state.pulls = self.pulls
         self._stop = threading.Event()
         self._loop_thread: threading.Thread | None = None
         http = node.settings.http
@@ -128,6 +144,15 @@ class NodeServer:
 
     def _enqueue(self, job_id: int) -> None:
         enqueue(self.node.db, self.dispatcher, job_id)
+
+    def _completeness(self, study: Study) -> CompletenessResult:
+        """Assembler gate: leave studies being pulled to their pull; check
+        pushed studies against their source archive when configured."""
+        if self.pulls.is_pulling(study.study_instance_uid):
+            return CompletenessResult(False)
+        if self.completeness.active:
+            return self.completeness(study)
+        return CompletenessResult(True)
 
     @property
     def http_port(self) -> int:
@@ -201,6 +226,7 @@ class NodeServer:
                 t.join(timeout=30)
         if self.worker is not None:
             self.worker.stop()
+        self.completeness.close()
         logger.info("pacs-node stopped")
 
 
@@ -210,7 +236,12 @@ def serve(settings: Settings, config_file: str | None = None) -> int:
     if settings.queue.start_worker:
         worker = WorkerProcess(config_file, log_file=None)
     try:
-        NodeServer(node, worker=worker).run_forever()
+        try:
+            server = NodeServer(node, worker=worker)
+        except ConfigError as exc:
+            print(f"pacs-node: {exc}", file=sys.stderr)
+            return 2
+        server.run_forever()
     finally:
         node.close()
     return 0

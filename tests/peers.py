@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,13 +57,20 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 # ---------------------------------------------------------------- Orthanc
 @dataclass
 class OrthancServer:
-    """A running Orthanc with DICOMweb, on loopback ports."""
+    """A running Orthanc with DICOMweb, on loopback ports.
+
+    ``stop()`` ends the process; ``restart()`` starts a new one with the same
+    configuration (same ports, same storage and index directories).
+    """
 
     http_port: int
     dicom_port: int
     workdir: Path
     process: subprocess.Popen[bytes]
     aet: str = "ORTHANC"
+    config_path: Path | None = None
+    #: Name of the node in ``DicomModalities`` / ``DicomWeb.Servers`` (None: not declared).
+    node_name: str | None = None
 
     @property
     def url(self) -> str:
@@ -83,6 +90,14 @@ class OrthancServer:
         r.raise_for_status()
         return r.json()
 
+    def upload(self, files: list[Path] | list[bytes]) -> list[str]:
+        """``POST /instances`` each file; the Orthanc instance ids."""
+        ids = []
+        for f in files:
+            data = f if isinstance(f, bytes) else Path(f).read_bytes()
+            ids.append(str(self.post("/instances", data)["ID"]))
+        return ids
+
     def instances(self) -> list[str]:
         return list(self.get("/instances"))
 
@@ -97,8 +112,18 @@ class OrthancServer:
         hits = self.post("/tools/lookup", sop_instance_uid)
         return next((h["ID"] for h in hits if h["Type"] == "Instance"), None)
 
+    def find_study(self, study_instance_uid: str) -> str | None:
+        """Orthanc id of the study with this Study Instance UID, or None."""
+        hits = self.post("/tools/lookup", study_instance_uid)
+        return next((h["ID"] for h in hits if h["Type"] == "Study"), None)
+
     def tags(self, instance_id: str) -> dict[str, Any]:
         return dict(self.get(f"/instances/{instance_id}/simplified-tags"))
+
+    def file(self, instance_id: str) -> bytes:
+        r = httpx.get(f"{self.url}/instances/{instance_id}/file", timeout=30)
+        r.raise_for_status()
+        return r.content
 
     def clear(self) -> None:
         """Delete every patient (and so every instance)."""
@@ -116,39 +141,39 @@ class OrthancServer:
         base.update(extra)
         return base
 
+    def source(self, kind: str, name: str | None = None, **extra: Any) -> dict[str, Any]:
+        """A ``[[sources]]`` table pointing at this server: ``"dicomweb"``,
+        ``"c-get"`` or ``"c-move"``."""
+        if kind == "dicomweb":
+            base: dict[str, Any] = {"name": name or "orthanc-web", "kind": "dicomweb", "url": self.dicomweb_url}
+        else:
+            base = {"name": name or f"orthanc-{kind}", "kind": "dimse", "host": "127.0.0.1",
+                    "port": self.dicom_port, "ae_title": self.aet, "retrieve": kind}
+        base.update(timeout=10)
+        base.update(extra)
+        return base
 
-@contextlib.contextmanager
-def start_orthanc(workdir: Path, *, aet: str = "ORTHANC", timeout: float = 30.0) -> Iterator[OrthancServer]:
-    """Start Orthanc (DICOM + HTTP on free ports, DICOMweb plugin) in ``workdir``; stop it on exit."""
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop the process: SIGTERM (Orthanc keeps serving for a second or
+        two while it shuts down), or at once with ``kill=True`` (SIGKILL)."""
+        if kill and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        _stop(self.process)
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """Start Orthanc again with the same configuration (ports, storage)."""
+        assert self.config_path is not None
+        self.stop()
+        self.process = _launch_orthanc(self.config_path, self.workdir, self.http_port, self.dicom_port, timeout)
+
+
+def _launch_orthanc(cfg: Path, workdir: Path, http_port: int, dicom_port: int,
+                    timeout: float) -> subprocess.Popen[bytes]:
     exe = require_tool("Orthanc")
-    plugin_dir = Path("/usr/share/orthanc/plugins")
-    plugins = [str(p) for p in sorted(plugin_dir.glob("libOrthancDicomWeb.so*"))] or [str(plugin_dir)]
-    workdir.mkdir(parents=True, exist_ok=True)
-    http_port, dicom_port = free_port(), free_port()
-    while dicom_port == http_port:
-        dicom_port = free_port()
-    config = {
-        "Name": "pacs-node-test",
-        "StorageDirectory": str(workdir / "storage"),
-        "IndexDirectory": str(workdir / "index"),
-        "HttpPort": http_port,
-        "DicomPort": dicom_port,
-        "DicomAet": aet,
-        "DicomCheckCalledAet": False,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "SslEnabled": False,
-        "Plugins": plugins,
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-        "StorageCompression": False,
-        "SaveJobs": False,
-        "HttpTimeout": 30,
-    }
-    cfg = workdir / "orthanc.json"
-    cfg.write_text(json.dumps(config, indent=2))
-    log = open(workdir / "orthanc.log", "wb")
-    proc = subprocess.Popen([exe, str(cfg)], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "TCP_NODELAY": "1"}, cwd=workdir)
+    with open(workdir / "orthanc.log", "ab") as log:
+        proc = subprocess.Popen([exe, str(cfg)], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TCP_NODELAY": "1"}, cwd=workdir)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -161,12 +186,107 @@ def start_orthanc(workdir: Path, *, aet: str = "ORTHANC", timeout: float = 30.0)
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError("Orthanc did not answer GET /system")
-            time.sleep(0.1)
+            time.sleep(0.05)
         wait_port(dicom_port, proc)
-        yield OrthancServer(http_port=http_port, dicom_port=dicom_port, workdir=workdir, process=proc, aet=aet)
-    finally:
+    except BaseException:
         _stop(proc)
-        log.close()
+        raise
+    return proc
+
+
+@contextlib.contextmanager
+def start_orthanc(
+    workdir: Path,
+    *,
+    aet: str = "ORTHANC",
+    timeout: float = 30.0,
+    node_aet: str | None = None,
+    node_host: str = "127.0.0.1",
+    node_port: int | None = None,
+    node_dicomweb_url: str | None = None,
+    node_name: str = "pacsnode",
+    lua_scripts: Sequence[str | Path] = (),
+    stable_age: int | None = None,
+    http_port: int | None = None,
+    dicom_port: int | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> Iterator[OrthancServer]:
+    """Start Orthanc (DICOM + HTTP on free loopback ports, DICOMweb plugin,
+    ``RemoteAccessAllowed: false``, ``TCP_NODELAY=1``) in ``workdir``; stop it on exit.
+
+    Parameters
+    ----------
+    node_aet, node_host, node_port:
+        Declare the node as DICOM modality ``node_name`` (C-STORE target of
+        ``POST /modalities/{node_name}/store``, C-MOVE destination, and
+        allowed to C-FIND / C-GET / C-MOVE).
+    node_dicomweb_url:
+        Declare the node as DICOMweb server ``node_name`` (``DicomWeb.Servers``).
+    lua_scripts:
+        Lua sources (text) or ``.lua`` files for ``LuaScripts``.
+    stable_age:
+        ``StableAge`` in seconds (when ``OnStableStudy`` fires).
+    http_port, dicom_port:
+        Fixed ports (default: free ones).
+    extra_config:
+        Merged into the configuration last.
+    """
+    require_tool("Orthanc")
+    plugin_dir = Path("/usr/share/orthanc/plugins")
+    plugins = [str(p) for p in sorted(plugin_dir.glob("libOrthancDicomWeb.so*"))] or [str(plugin_dir)]
+    workdir.mkdir(parents=True, exist_ok=True)
+    http_port = http_port or free_port()
+    dicom_port = dicom_port or free_port()
+    while dicom_port == http_port:
+        dicom_port = free_port()
+    dicomweb: dict[str, Any] = {"Enable": True, "Root": "/dicom-web/"}
+    config: dict[str, Any] = {
+        "Name": "pacs-node-test",
+        "StorageDirectory": str(workdir / "storage"),
+        "IndexDirectory": str(workdir / "index"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": aet,
+        "DicomCheckCalledAet": False,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "SslEnabled": False,
+        "Plugins": plugins,
+        "DicomWeb": dicomweb,
+        "StorageCompression": False,
+        "SaveJobs": False,
+        "HttpTimeout": 30,
+    }
+    if node_aet is not None and node_port is not None:
+        config["DicomModalities"] = {node_name: {
+            "AET": node_aet, "Host": node_host, "Port": node_port,
+            "AllowEcho": True, "AllowFind": True, "AllowGet": True, "AllowMove": True, "AllowStore": True,
+        }}
+    if node_dicomweb_url is not None:
+        dicomweb["Servers"] = {node_name: [node_dicomweb_url]}
+    if stable_age is not None:
+        config["StableAge"] = stable_age
+    if lua_scripts:
+        paths = []
+        for i, script in enumerate(lua_scripts):
+            if isinstance(script, Path):
+                paths.append(str(script))
+            else:
+                p = workdir / f"script-{i}.lua"
+                p.write_text(script)
+                paths.append(str(p))
+        config["LuaScripts"] = paths
+    if extra_config:
+        config.update(extra_config)
+    cfg = workdir / "orthanc.json"
+    cfg.write_text(json.dumps(config, indent=2))
+    proc = _launch_orthanc(cfg, workdir, http_port, dicom_port, timeout)
+    server = OrthancServer(http_port=http_port, dicom_port=dicom_port, workdir=workdir, process=proc, aet=aet,
+                           config_path=cfg, node_name=node_name if (node_aet or node_dicomweb_url) else None)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------- storescp

@@ -8,6 +8,12 @@ A study version is complete when
 * ``study.force_complete_seconds`` passed since the version's first instance
   (a sender that never stops trickling still gets analysed).
 
+An optional ``completeness`` gate (e.g. the archive check of
+:mod:`pacs_node.pull.completeness`) is consulted before a stable study is
+claimed (not for forced completion): it may hold the study back (the next
+tick asks again) or add a note to the job's reason ("proceeded incomplete:
+8 of 10 instances after 120 s").
+
 :meth:`StudyAssembler.tick` claims each complete version with one atomic
 ``UPDATE ... WHERE job_version < version`` and creates its job in the same
 transaction, so two node processes can never create the same job.
@@ -31,11 +37,23 @@ from pacs_node.db.session import Database
 from pacs_node.jobs.actions import create_job
 from pacs_node.jobs.routing import RoutingRule
 
-__all__ = ["StudyAssembler"]
+__all__ = ["CompletenessResult", "StudyAssembler"]
 
 logger = logging.getLogger(__name__)
 
 JobCreated = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class CompletenessResult:
+    """Verdict of a completeness gate: claim now (``ready``), with an
+    optional ``note`` appended to the job's reason."""
+
+    ready: bool
+    note: str | None = None
+
+
+Completeness = Callable[[Study], CompletenessResult]
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,9 @@ class StudyAssembler:
         Returns the current UTC time; tests pass a fake clock.
     rules:
         Routing rules (default: analyse CT and MR studies).
+    completeness:
+        Optional gate called with the :class:`Study` row before a complete
+        (not forced) version is claimed; see the module docstring.
     """
 
     def __init__(
@@ -72,12 +93,14 @@ class StudyAssembler:
         on_job_created: JobCreated | None = None,
         clock: Callable[[], dt.datetime] = utcnow,
         rules: list[RoutingRule] | None = None,
+        completeness: Completeness | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
         self.on_job_created = on_job_created
         self.clock = clock
         self.rules = rules or [RoutingRule()]
+        self.completeness = completeness
         self._patterns = [re.compile(p, re.IGNORECASE) for p in settings.required_series]
 
     # -- one step -----------------------------------------------------------------
@@ -89,6 +112,12 @@ class StudyAssembler:
             reason = self._completion_reason(cand, now)
             if reason is None:
                 continue
+            if self.completeness is not None and not reason.startswith("forced"):
+                verdict = self._check_completeness(cand)
+                if verdict is None or not verdict.ready:
+                    continue
+                if verdict.note:
+                    reason = f"{reason}; {verdict.note}"
             job_id = self._claim(cand, reason)
             if job_id is not None:
                 created.append(job_id)
@@ -124,6 +153,20 @@ class StudyAssembler:
             if all(any(p.search(t) for t in texts) for p in self._patterns):
                 return "required series present"
         return None
+
+    def _check_completeness(self, cand: _Candidate) -> CompletenessResult | None:
+        assert self.completeness is not None
+        try:
+            with self.db.sessionmaker() as s:
+                study = s.get(Study, cand.study_id)
+                if study is None:
+                    return None
+                s.expunge(study)
+            # Outside the session: on SQLite it holds the write lock.
+            return self.completeness(study)
+        except Exception:  # noqa: BLE001 - a broken gate must not stop analyses
+            logger.exception("study %d: completeness check failed; proceeding", cand.study_id)
+            return CompletenessResult(True, "completeness check failed")
 
     def _claim(self, cand: _Candidate, reason: str) -> int | None:
         try:

@@ -1,6 +1,6 @@
 """The ``pacs-node`` command line.
 
-Subcommands of this package: ``serve``, ``db``, ``studies``, ``jobs``.
+Subcommands of this package: ``serve``, ``db``, ``studies``, ``jobs``, ``analyze``.
 Other installed packages add theirs through the ``pacs_node.commands``
 entry-point group (``worker`` adds ``train``, ``calibrate``, ``evaluate``,
 ``worker``): each entry point is a ``register(subparsers)`` function whose
@@ -14,7 +14,7 @@ import logging
 import sys
 from importlib.metadata import entry_points
 
-from pacs_node.cli import data_cmds, serve_cmd
+from pacs_node.cli import data_cmds, pull_cmd, serve_cmd
 
 __all__ = ["build_parser", "main"]
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve_cmd.register(sub)
     data_cmds.register(sub)
+    pull_cmd.register(sub)
     for ep in sorted(entry_points(group="pacs_node.commands"), key=lambda e: e.name):
         try:
             ep.load()(sub)

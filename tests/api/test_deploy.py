@@ -63,7 +63,7 @@ def test_orthanc_routes_to_the_node() -> None:
     assert orthanc["DicomAet"] in config["dicom"]["allowed_calling_aets"]
     assert orthanc["LuaScripts"] == ["/etc/orthanc/autoroute.lua"]
     lua = (DEPLOY / "orthanc" / "autoroute.lua").read_text()
-    assert "function OnStableStudy" in lua and "SendToModality(s['ID'], NODE_MODALITY)" in lua
+    assert "function OnStableStudy" in lua and "'/modalities/' .. NODE_MODALITY .. '/store'" in lua
     (dest,) = config["destinations"]
     assert (dest["host"], dest["port"], dest["ae_title"]) == ("orthanc", orthanc["DicomPort"], orthanc["DicomAet"])
 

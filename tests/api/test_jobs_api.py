@@ -3,6 +3,7 @@ authentication and the published OpenAPI document."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from pydicom.uid import generate_uid
 
 from api_seed import FakeDispatcher, add_output, advance
 from api_seed import AUTH, FINDINGS, TIMINGS, TOKEN, seed
-from nodetest import make_settings
+from nodetest import free_port, make_settings
 from pacs_node.api.app import create_app
 from pacs_node.jobs.states import JobState
 from pacs_node.node import Node
@@ -117,8 +118,12 @@ def test_analyze(client: TestClient, api_node: Node, dispatcher: FakeDispatcher)
 
 
 def test_analyze_with_configured_source(tmp_path: Path, sqlite_url: str) -> None:
+    """With {"source": NAME} the node pulls first: an unreachable source is a 503
+    (the pull itself is tested against a real Orthanc in tests/orthanc/)."""
+    closed = f"http://127.0.0.1:{free_port()}/dicom-web"
     settings = make_settings(
-        tmp_path, sqlite_url, http__api_token=TOKEN, sources='[{"name": "ARCHIVE", "ae_title": "ORTHANC"}]'
+        tmp_path, sqlite_url, http__api_token=TOKEN,
+        sources=json.dumps([{"name": "ARCHIVE", "kind": "dicomweb", "url": closed, "timeout": 2}]),
     )
     node = Node.from_settings(settings, migrate=True)
     try:
@@ -128,9 +133,29 @@ def test_analyze_with_configured_source(tmp_path: Path, sqlite_url: str) -> None
             uid = seeded.study_uids[seeded.failed]
             assert c.post(f"/api/v1/studies/{uid}/analyze", headers=AUTH, json={"source": "OTHER"}).status_code == 400
             r = c.post(f"/api/v1/studies/{uid}/analyze", headers=AUTH, json={"source": "ARCHIVE"})
-            assert r.status_code == 202 and dispatcher.process == [r.json()["job_id"]]
+            assert r.status_code == 503 and "source ARCHIVE unreachable" in r.json()["detail"], r.text
+            assert dispatcher.process == []
             bad = c.post(f"/api/v1/studies/{uid}/analyze", headers=AUTH, json={"src": "ARCHIVE"})
             assert bad.status_code == 422
+            r = c.post("/api/v1/studies/not-a-uid/analyze", headers=AUTH, json={"source": "ARCHIVE"})
+            assert r.status_code == 400 and "StudyInstanceUID" in r.json()["detail"], r.text
+            # Without a source: the stored study is analysed as before.
+            r = c.post(f"/api/v1/studies/{uid}/analyze", headers=AUTH)
+            assert r.status_code == 202 and dispatcher.process == [r.json()["job_id"]] and r.json()["pulled"] is None
+    finally:
+        node.close()
+
+
+def test_analyze_with_invalid_sources_configuration(tmp_path: Path, sqlite_url: str) -> None:
+    settings = make_settings(tmp_path, sqlite_url, http__api_token=TOKEN,
+                             sources='[{"name": "ARCHIVE", "ae_title": "ORTHANC"}]')
+    node = Node.from_settings(settings, migrate=True)
+    try:
+        seeded = seed(node)
+        with TestClient(create_app(node, dispatcher=FakeDispatcher())) as c:
+            r = c.post(f"/api/v1/studies/{seeded.study_uids[seeded.done]}/analyze", headers=AUTH,
+                       json={"source": "ARCHIVE"})
+            assert r.status_code == 500 and r.json()["detail"].startswith("invalid configuration: sources[ARCHIVE]")
     finally:
         node.close()
 
