@@ -18,13 +18,13 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import write_file_meta_info
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from pacs_node.db.models import Instance, Output, Series, Study, utcnow
-from pacs_node.db.session import Database
+from pacs_node.db.session import Database, GroupCommit
 from pacs_node.ingest.storage import InstanceStore, StorageFullError
 from pacs_node.ingest.uids import InvalidUIDError, check_uid
 
@@ -244,6 +244,9 @@ class Ingestor:
         dialect = "sqlite" if db.is_sqlite else "postgresql"
         self._study_upsert = _STUDY_UPSERT[dialect]
         self._series_upsert = _SERIES_UPSERT[dialect]
+        # Rows of instances received concurrently (several associations,
+        # STOW-RS requests) are committed together: one commit per batch.
+        self._commits = GroupCommit(db.engine)
 
     def ingest(
         self,
@@ -313,97 +316,110 @@ class Ingestor:
         source: str,
         calling_aet: str | None,
     ) -> bool:
-        """Insert or update rows in one transaction; returns True for an identical resend."""
+        """Insert or update rows and commit; returns True for an identical resend."""
+        return self._commits.run(
+            lambda conn: self._record_rows(conn, meta, relpath, size, sha256, source, calling_aet)
+        )
+
+    def _record_rows(
+        self,
+        conn: Connection,
+        meta: InstanceMeta,
+        relpath: str,
+        size: int,
+        sha256: str,
+        source: str,
+        calling_aet: str | None,
+    ) -> bool:
         now = utcnow()
-        with self.db.engine.begin() as conn:
-            study = conn.execute(
-                self._study_upsert,
-                dict(
-                    study_instance_uid=meta.study_uid,
-                    patient_id=meta.patient_id,
-                    patient_name=meta.patient_name,
-                    accession_number=meta.accession_number,
-                    study_date=meta.study_date,
-                    study_description=meta.study_description,
-                    calling_aet=calling_aet,
-                    now=now,
-                ),
-            ).one()
-            study_id, version = int(study.id), int(study.version)
-            series = conn.execute(
-                self._series_upsert,
-                dict(
-                    study_id=study_id,
-                    series_instance_uid=meta.series_uid,
-                    modality=meta.modality,
-                    series_number=meta.series_number,
-                    series_description=meta.series_description,
-                    body_part_examined=meta.body_part_examined,
-                    now=now,
-                ),
-            ).one()
-            if series.study_id != study_id:
-                raise IngestError(Status.UID_CONFLICT, "Series Instance UID already stored under another study")
-            series_id = int(series.id)
-            inst = conn.execute(_INSTANCE_FOR_UPDATE, {"sop": meta.sop_uid}).first()
-            if inst is not None and inst.series_id != series_id:
-                raise IngestError(Status.UID_CONFLICT, "SOP Instance UID already stored under another study/series")
-            if inst is not None and inst.sha256 == sha256:
-                conn.execute(_INSTANCE_RESENT, {"iid": inst.id, "count": inst.receive_count + 1, "now": now})
-                logger.info("duplicate instance (identical), count=%d", inst.receive_count + 1)
-                return True
-            # A new instance, or a changed one: it belongs to the pending
-            # version -- unless it is one of the node's own outputs coming
-            # back (a PACS forwarding the whole study again), which must not
-            # trigger a re-analysis.
-            own_output = conn.execute(_OWN_OUTPUT, {"sop": meta.sop_uid}).first() is not None
-            added = 1 if inst is None else 0
-            if not own_output:
-                if int(study.job_version) >= version:
-                    version += 1
-                    conn.execute(_STUDY_NEW_VERSION, {"sid": study_id, "version": version, "now": now, "added": added})
-                else:
-                    conn.execute(_STUDY_RECEIVED, {"sid": study_id, "now": now, "added": added})
-                conn.execute(_SERIES_RECEIVED, {"sid": series_id, "now": now, "added": added})
-            elif added:
-                conn.execute(_STUDY_COUNT, {"sid": study_id})
-                conn.execute(_SERIES_COUNT, {"sid": series_id})
-            if inst is None:
-                conn.execute(
-                    _INSTANCE_INSERT,
-                    dict(
-                        series_id=series_id,
-                        study_id=study_id,
-                        sop_instance_uid=meta.sop_uid,
-                        sop_class_uid=meta.sop_class_uid,
-                        transfer_syntax_uid=meta.transfer_syntax_uid,
-                        instance_number=meta.instance_number,
-                        path=relpath,
-                        size_bytes=size,
-                        sha256=sha256,
-                        study_version=version,
-                        source=source,
-                        calling_aet=calling_aet,
-                        received_at=now,
-                        receive_count=1,
-                    ),
-                )
+        study = conn.execute(
+            self._study_upsert,
+            dict(
+                study_instance_uid=meta.study_uid,
+                patient_id=meta.patient_id,
+                patient_name=meta.patient_name,
+                accession_number=meta.accession_number,
+                study_date=meta.study_date,
+                study_description=meta.study_description,
+                calling_aet=calling_aet,
+                now=now,
+            ),
+        ).one()
+        study_id, version = int(study.id), int(study.version)
+        series = conn.execute(
+            self._series_upsert,
+            dict(
+                study_id=study_id,
+                series_instance_uid=meta.series_uid,
+                modality=meta.modality,
+                series_number=meta.series_number,
+                series_description=meta.series_description,
+                body_part_examined=meta.body_part_examined,
+                now=now,
+            ),
+        ).one()
+        if series.study_id != study_id:
+            raise IngestError(Status.UID_CONFLICT, "Series Instance UID already stored under another study")
+        series_id = int(series.id)
+        inst = conn.execute(_INSTANCE_FOR_UPDATE, {"sop": meta.sop_uid}).first()
+        if inst is not None and inst.series_id != series_id:
+            raise IngestError(Status.UID_CONFLICT, "SOP Instance UID already stored under another study/series")
+        if inst is not None and inst.sha256 == sha256:
+            conn.execute(_INSTANCE_RESENT, {"iid": inst.id, "count": inst.receive_count + 1, "now": now})
+            logger.info("duplicate instance (identical), count=%d", inst.receive_count + 1)
+            return True
+        # A new instance, or a changed one: it belongs to the pending
+        # version -- unless it is one of the node's own outputs coming
+        # back (a PACS forwarding the whole study again), which must not
+        # trigger a re-analysis.
+        own_output = conn.execute(_OWN_OUTPUT, {"sop": meta.sop_uid}).first() is not None
+        added = 1 if inst is None else 0
+        if not own_output:
+            if int(study.job_version) >= version:
+                version += 1
+                conn.execute(_STUDY_NEW_VERSION, {"sid": study_id, "version": version, "now": now, "added": added})
             else:
-                conn.execute(
-                    _INSTANCE_REPLACED,
-                    dict(
-                        iid=inst.id,
-                        sop_class_uid=meta.sop_class_uid,
-                        transfer_syntax_uid=meta.transfer_syntax_uid,
-                        size_bytes=size,
-                        sha256=sha256,
-                        study_version=version,
-                        count=inst.receive_count + 1,
-                        now=now,
-                    ),
-                )
-                logger.info("instance replaced with different content")
-            return False
+                conn.execute(_STUDY_RECEIVED, {"sid": study_id, "now": now, "added": added})
+            conn.execute(_SERIES_RECEIVED, {"sid": series_id, "now": now, "added": added})
+        elif added:
+            conn.execute(_STUDY_COUNT, {"sid": study_id})
+            conn.execute(_SERIES_COUNT, {"sid": series_id})
+        if inst is None:
+            conn.execute(
+                _INSTANCE_INSERT,
+                dict(
+                    series_id=series_id,
+                    study_id=study_id,
+                    sop_instance_uid=meta.sop_uid,
+                    sop_class_uid=meta.sop_class_uid,
+                    transfer_syntax_uid=meta.transfer_syntax_uid,
+                    instance_number=meta.instance_number,
+                    path=relpath,
+                    size_bytes=size,
+                    sha256=sha256,
+                    study_version=version,
+                    source=source,
+                    calling_aet=calling_aet,
+                    received_at=now,
+                    receive_count=1,
+                ),
+            )
+        else:
+            conn.execute(
+                _INSTANCE_REPLACED,
+                dict(
+                    iid=inst.id,
+                    sop_class_uid=meta.sop_class_uid,
+                    transfer_syntax_uid=meta.transfer_syntax_uid,
+                    size_bytes=size,
+                    sha256=sha256,
+                    study_version=version,
+                    count=inst.receive_count + 1,
+                    now=now,
+                ),
+            )
+            logger.info("instance replaced with different content")
+        return False
 
 
 _S = cast(Table, Study.__table__)
