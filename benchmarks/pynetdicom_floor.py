@@ -1,0 +1,68 @@
+"""Diagnostic: the pynetdicom receive floor on this machine. A pynetdicom
+C-STORE SCP (the node's AE set-up: all storage contexts, TCP_NODELAY) whose
+handler answers 0x0000 at once without storing, fed by dcmtk storescu.
+
+    python benchmarks/pynetdicom_floor.py [--n 300] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import OUT_DIR, free_port, make_ct_series, median, send_parallel
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--loop-delay", type=float, default=None, help="set the DUL reactor's poll sleep (s)")
+    ap.add_argument("--assocs", type=int, default=1)
+    ap.add_argument("--encode", action="store_true", help="also call event.encoded_dataset(include_meta=True)")
+    args = ap.parse_args()
+    from pynetdicom import evt
+
+    from pacs_node.config import DicomSettings
+    from pacs_node.ingest.dimse import DimseServer, handle_conn_open
+
+    files = make_ct_series(500, OUT_DIR / "data" / "ct512-500")[: args.n]
+
+    def handle(event: evt.Event) -> int:
+        if args.encode:
+            event.encoded_dataset(include_meta=True)
+        return 0x0000
+
+    def on_open(event: evt.Event) -> None:
+        handle_conn_open(event)
+        if args.loop_delay is not None:
+            event.assoc.dul._run_loop_delay = args.loop_delay
+
+    server = DimseServer(DicomSettings(port=free_port()), ingestor=None)  # type: ignore[arg-type]
+    srv = server.ae.start_server(("127.0.0.1", server.settings.port), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, handle), (evt.EVT_CONN_OPEN, on_open)])
+    try:
+        import os
+
+        rates, cpu = [], []
+        for _ in range(args.reps):
+            t0 = os.times()
+            r = send_parallel(files, server.settings.port, aec="PACSNODE", associations=args.assocs)
+            t1 = os.times()
+            assert r.returncode == 0, r.stderr
+            rates.append(r.n / r.seconds)
+            cpu.append(1000 * ((t1.user - t0.user) + (t1.system - t0.system)) / r.n)
+    finally:
+        srv.shutdown()
+    print(json.dumps({"pynetdicom_noop_images_per_s": round(median(rates), 1), "per_rep": [round(x, 1) for x in rates],
+                      "ms_per_instance": round(1000 / median(rates), 2),
+                      "cpu_ms_per_instance": round(median(cpu), 2), "assocs": args.assocs}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
