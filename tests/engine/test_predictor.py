@@ -39,17 +39,25 @@ def test_prediction_on_input_grid(tiny_ckpt: Path, shape, spacing) -> None:
 def test_mask_lands_on_the_source_pixels(tiny_ckpt: Path) -> None:
     """A bright lesion in a non-square, anisotropic, oblique series is found in place."""
     p = Predictor.from_checkpoint(tiny_ckpt, device="cpu")
-    thr = p.meta["baselines"]["thresholds"]["intensity:bright"]
-    p.scoring = replace(p.scoring, method="intensity", polarity="bright", threshold=thr)
+    # intensity scoring without smoothing, threshold between normal tissue and
+    # the lesion: the test measures geometry, not model quality or blur
+    p.scoring = replace(p.scoring, method="intensity", polarity="bright", threshold=1.0, median_size=(1, 1, 1),
+                        smooth_sigma=0.0)
     shape, spacing = (12, 44, 36), (8.0, 4.5, 5.5)
     vol = _oblique(shape, spacing)
     box = np.zeros(shape, bool)
     box[4:8, 18:27, 14:21] = True
-    vol.array[box] = vol.array[box] * 1.8
+    vol.array[box] = vol.array[box] * 2.0
+    from scipy import ndimage as ndi
+
+    score = p.components(vol).maps["intensity:bright"]
+    near = ndi.binary_dilation(box, iterations=2)
+    p.scoring.threshold = 0.5 * (float(score[~near].max()) + float(np.median(score[box])))
     res = p.predict(vol)
     inter = (res.mask & box).sum()
     dice = 2 * inter / (res.mask.sum() + box.sum())
-    assert dice > 0.6, dice
+    assert dice > 0.8, dice
+    np.testing.assert_allclose(np.argwhere(res.mask).mean(0), np.argwhere(box).mean(0), atol=0.5)
     f = res.findings[0]
     expected = vol.index_to_patient(np.argwhere(box).mean(0))
     assert np.linalg.norm(np.asarray(f.centroid_patient) - expected) < max(spacing)

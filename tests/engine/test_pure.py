@@ -208,8 +208,8 @@ def test_edge_aware_residual_and_smoothing() -> None:
     aware = residual_map(x, recon, edge_weight=10.0)
     np.testing.assert_allclose(plain, 0.1, rtol=1e-6)
     assert aware[0, 4, 8] < 0.05 and aware[0, 4, 2] == pytest.approx(0.1)
-    spike = np.zeros((3, 9, 9), np.float32)
-    spike[1, 4, 4] = 1.0
+    spike = np.zeros((9, 15, 15), np.float32)
+    spike[4, 7, 7] = 1.0
     sm = median_smooth(spike, (1, 1, 1), sigma=1.0)
     assert sm.sum() == pytest.approx(1.0, rel=1e-3) and sm.max() < 0.2
 

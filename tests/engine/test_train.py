@@ -45,29 +45,28 @@ def test_training_lowers_loss_and_is_deterministic(tmp_path: Path) -> None:
     torch.manual_seed(3)
     before = validate(UNet(UCFG), va, cfg, torch.device("cpu"))
     r1 = train(tr, va, UCFG, cfg, device="cpu", progress=False)
-    assert r1.best_val_loss < 0.5 * before
-    assert r1.history[-1]["train_loss"] < 0.5 * before
+    assert r1.best_val_loss < 0.7 * before
+    assert r1.history[-1]["train_loss"] < 0.7 * before
     r2 = train(tr, va, UCFG, cfg, device="cpu", progress=False)
     for (k, a), b in zip(r1.model.state_dict().items(), r2.model.state_dict().values()):
         assert torch.equal(a, b), k
 
 
 def test_checkpoint_every_epoch_and_resume(tmp_path: Path) -> None:
+    import pytest
+
     tr, va = _data(range(3)), _data(range(100, 101))
     cfg = TrainConfig(epochs=2, steps_per_epoch=3, batch_size=4, warmup_steps=1, seed=1, noise_res=(4,), patience=10)
     state = tmp_path / "m.pt.state"
     full = train(tr, va, UCFG, cfg, device="cpu", progress=False)
-    one = train(tr, va, UCFG, TrainConfig(**{**cfg.to_dict(), "max_minutes": 1e-9}), device="cpu",
-                state_path=state, progress=False)
-    assert one.epochs_run == 1 and one.stopped == "time_budget" and state.exists()
-    st = torch.load(state, weights_only=True)
-    assert st["epoch"] == 1
-    # resuming with the original configuration is refused (budget differs), with the same it continues
-    import pytest
-
+    one = train(tr, va, UCFG, cfg, device="cpu", state_path=state, progress=False, max_epochs_this_run=1)
+    assert one.epochs_run == 1 and one.stopped == "interrupted" and state.exists()
+    assert torch.load(state, weights_only=True)["epoch"] == 1
+    other = TrainConfig(**{**cfg.to_dict(), "lr": 1e-4})
     with pytest.raises(ValueError, match="different configuration"):
-        train(tr, va, UCFG, cfg, device="cpu", state_path=state, resume=True, progress=False)
-    resumed = train(tr, va, UCFG, TrainConfig(**{**cfg.to_dict(), "max_minutes": 1e-9}), device="cpu",
-                    state_path=state, resume=True, progress=False)
+        train(tr, va, UCFG, other, device="cpu", state_path=state, resume=True, progress=False)
+    resumed = train(tr, va, UCFG, cfg, device="cpu", state_path=state, resume=True, progress=False)
     assert resumed.epochs_run == 2 and len(resumed.history) == 2
-    assert resumed.history[1]["val_loss"] == pytest.approx(full.history[1]["val_loss"], rel=1e-5)
+    assert resumed.history[1]["val_loss"] == pytest.approx(full.history[1]["val_loss"], rel=1e-6)
+    for a, b in zip(resumed.model.state_dict().values(), full.model.state_dict().values()):
+        assert torch.equal(a, b)

@@ -175,8 +175,10 @@ class Predictor:
                 if self.device.type == "cpu":
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-                    y = self.model(x)
-                out[i:i + len(x)] = y[:, 0].float().cpu().numpy()
+                    y = self.model(x).float()
+                    if self.scoring.tta:
+                        y = 0.5 * (y + self.model(x.flip(-1)).float().flip(-1))
+                out[i:i + len(x)] = y[:, 0].cpu().numpy()
         return out
 
     def components(self, volume: Volume, keys: Iterable[str] | None = None) -> Components:

@@ -44,6 +44,9 @@ class ScoringConfig:
         ``"combined"`` (normalised residual + weighted intensity outlier).
     median_size:
         Median filter ``(z, y, x)`` applied on the model grid.
+    tta:
+        Test-time augmentation: average the reconstruction of the slice and
+        of its left-right mirror image.
     smooth_sigma:
         Gaussian smoothing (model-grid pixels, in-plane and through-plane)
         after the median filter; 0 disables.
@@ -77,6 +80,7 @@ class ScoringConfig:
     method: str = "residual"
     median_size: tuple[int, int, int] = (3, 3, 3)
     smooth_sigma: float = 0.7
+    tta: bool = False
     erode_mm: float = 8.0
     target_fpr: float = 0.001
     threshold: float | None = None

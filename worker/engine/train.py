@@ -296,6 +296,7 @@ def train(
     state_path: Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    max_epochs_this_run: int | None = None,
 ) -> TrainResult:
     """Train a U-Net on normal slices.
 
@@ -315,6 +316,9 @@ def train(
         Continue from ``state_path`` when it exists.
     progress:
         Show a tqdm progress bar with loss and ETA.
+    max_epochs_this_run:
+        Stop (as if interrupted) after this many epochs in this call; the
+        state file lets a later call with ``resume=True`` continue.
 
     Returns
     -------
@@ -400,6 +404,9 @@ def train(
             os.replace(tmp, state_path)
         if stale >= cfg.patience:
             res.stopped = "early_stopping"
+            break
+        if max_epochs_this_run is not None and epoch + 1 - start_epoch >= max_epochs_this_run and epoch + 1 < cfg.epochs:
+            res.stopped = "interrupted"
             break
         if cfg.max_minutes and seconds + (seconds - elapsed_before) / (epoch + 1 - start_epoch) * 0.5 > cfg.max_minutes * 60:
             res.stopped = "time_budget"
