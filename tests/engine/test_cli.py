@@ -76,3 +76,57 @@ def test_engine_settings() -> None:
         load_engine_settings(raw={"device": "tpu"})
     with pytest.raises(ValueError, match="unknown key"):
         load_engine_settings(raw={"nope": 1})
+
+
+def _write_mr_series(directory: Path, seed: int, anomalous: bool) -> tuple[str, object]:
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from worker.engine.synthetic import make_case
+
+    case = make_case(seed, anomalous=anomalous, shape=(10, 32, 40), spacing=(8.0, 6.0, 5.0))
+    series = generate_uid()
+    arr = np.clip(case.volume.array, 0, 4000).astype(np.uint16)
+    for z in range(arr.shape[0]):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "MR", series, "1.2.3"
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit, ds.PixelRepresentation = 15, 0
+        ds.Rows, ds.Columns = arr.shape[1:]
+        ds.ImagePositionPatient = [0.0, 0.0, 8.0 * z]
+        ds.ImageOrientationPatient = [1.0, 0, 0, 0, 1.0, 0]
+        ds.PixelSpacing = [6.0, 5.0]
+        ds.InstanceNumber = z + 1
+        ds.PixelData = arr[z].tobytes()
+        ds.save_as(directory / f"{series}-{z}.dcm", enforce_file_format=True)
+    return series, case
+
+
+def test_train_and_evaluate_on_dicom_directories(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import SimpleITK as sitk
+
+    normals, tests, masks = tmp_path / "normals", tmp_path / "tests", tmp_path / "masks"
+    for d in (normals, tests, masks):
+        d.mkdir()
+    for seed in range(4):
+        _write_mr_series(normals, seed, anomalous=False)
+    uid, case = _write_mr_series(tests, 1_000_001, anomalous=True)
+    _write_mr_series(tests, 1_500_000, anomalous=False)  # no mask file: counts as normal
+    mask = sitk.GetImageFromArray(case.mask.astype("uint8"))
+    mask.SetSpacing((5.0, 6.0, 8.0))
+    sitk.WriteImage(mask, str(masks / f"{uid}.nii.gz"))
+    model = tmp_path / "local.pt"
+    assert _run(["train", "--data", str(normals), "--out", str(model), "--epochs", "1", "--steps-per-epoch", "2",
+                 "--batch-size", "4", "--depth", "2", "--base", "4", "--size", "32", "--scoring", "residual"]) == 0
+    capsys.readouterr()
+    assert _run(["evaluate", "--model", str(model), "--data", str(tests), "--masks", str(masks), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_studies"] == 2 and out["n_abnormal"] == 1
+    assert out["model"]["name"] == "local-normals"
+    assert _run(["evaluate", "--model", str(model), "--data", str(tests)]) == 2  # --masks required with --data

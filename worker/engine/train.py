@@ -39,6 +39,8 @@ class TrainConfig:
     ----------
     objective:
         ``"dae"`` (denoising, default) or ``"ae"`` (plain autoencoder).
+    loss:
+        Reconstruction loss, ``"mse"`` or ``"l1"``.
     noise_res:
         Coarse-noise grid sizes; one is drawn per sample.
     noise_std:
@@ -68,6 +70,7 @@ class TrainConfig:
     """
 
     objective: str = "dae"
+    loss: str = "mse"
     noise_res: tuple[int, ...] = (8, 16)
     noise_std: float = 0.2
     epochs: int = 20
@@ -247,10 +250,13 @@ def _augment(x: torch.Tensor, fg: torch.Tensor, cfg: TrainConfig, gen: torch.Gen
     return x.contiguous(), fg
 
 
-def _loss(model: UNet, inp: torch.Tensor, target: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+def _loss(model: UNet, inp: torch.Tensor, target: torch.Tensor, device: torch.device, dtype: torch.dtype | None,
+          kind: str = "mse") -> torch.Tensor:
     inp = inp.to(device).contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         out = model(inp)
+    if kind == "l1":
+        return F.l1_loss(out.float(), target.to(device))
     return F.mse_loss(out.float(), target.to(device))
 
 
@@ -280,7 +286,7 @@ def validate(model: UNet, data: SliceData, cfg: TrainConfig, device: torch.devic
         for i in range(0, len(data.x), batch):
             x, fg = data.x[i:i + batch], data.fg[i:i + batch]
             inp = corrupt(x, fg, cfg, gen) if cfg.objective == "dae" else x
-            total += float(_loss(model, inp, x[:, c:c + 1], device, None)) * len(x)
+            total += float(_loss(model, inp, x[:, c:c + 1], device, None, cfg.loss)) * len(x)
             count += len(x)
     model.train()
     return total / max(count, 1)
@@ -334,6 +340,8 @@ def train(
 
     if cfg.objective not in ("dae", "ae"):
         raise ValueError(f"unknown objective {cfg.objective!r} (dae, ae)")
+    if cfg.loss not in ("mse", "l1"):
+        raise ValueError(f"unknown loss {cfg.loss!r} (mse, l1)")
     dev = select_device(device)
     dtype = amp_dtype(dev, cfg.amp)
     torch.manual_seed(cfg.seed)
@@ -372,7 +380,7 @@ def train(
             idx = torch.randint(len(train_data.x), (cfg.batch_size,), generator=gen)
             x, fg = _augment(train_data.x[idx], train_data.fg[idx], cfg, gen)
             inp = corrupt(x, fg, cfg, gen) if cfg.objective == "dae" else x
-            loss = _loss(model, inp, x[:, c:c + 1], dev, dtype)
+            loss = _loss(model, inp, x[:, c:c + 1], dev, dtype, cfg.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
