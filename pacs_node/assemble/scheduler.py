@@ -11,8 +11,8 @@ A study version is complete when
 An optional ``completeness`` gate (e.g. the archive check of
 :mod:`pacs_node.pull.completeness`) is consulted before a stable study is
 claimed (not for forced completion): it may hold the study back (the next
-tick asks again) or add a note to the job's reason ("proceeded incomplete:
-8 of 10 instances after 120 s").
+tick asks again; ``force_complete_seconds`` still applies) or add a note to
+the job's reason ("proceeded incomplete: 8 of 10 instances after 120 s").
 
 :meth:`StudyAssembler.tick` claims each complete version with one atomic
 ``UPDATE ... WHERE job_version < version`` and creates its job in the same
@@ -114,9 +114,14 @@ class StudyAssembler:
                 continue
             if self.completeness is not None and not reason.startswith("forced"):
                 verdict = self._check_completeness(cand)
-                if verdict is None or not verdict.ready:
+                if verdict is None:
                     continue
-                if verdict.note:
+                if not verdict.ready:
+                    force = self.settings.force_complete_seconds
+                    if (now - cand.version_started_at).total_seconds() < force:
+                        continue
+                    reason = f"forced complete after {force:g} s (completeness check still waiting)"
+                elif verdict.note:
                     reason = f"{reason}; {verdict.note}"
             job_id = self._claim(cand, reason)
             if job_id is not None:

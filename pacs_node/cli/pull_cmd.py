@@ -14,6 +14,7 @@ Errors are one line on stderr.
 from __future__ import annotations
 
 import argparse
+import logging
 
 from pacs_node.cli.common import add_config_arg, die, load, print_json
 
@@ -33,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     settings = load(args, quiet=True)
+    if not getattr(args, "log_level", None):
+        # Failures are reported in one line below; pynetdicom would log them too.
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     from pacs_node.db.models import Job
     from pacs_node.jobs.actions import StudyNotFoundError, analyze_study
     from pacs_node.jobs.routing import parse_rules

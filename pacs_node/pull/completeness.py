@@ -139,29 +139,31 @@ class CompletenessChecker:
 
     def _refresh(self, entry: _Entry, src: SourceSettings, study_uid: str) -> None:
         """Collect a finished query; start one when due (at most every poll interval)."""
-        fut = entry.future
-        if fut is not None and fut.done():
-            entry.future = None
-            try:
-                entry.listing, entry.error = fut.result(), None
-            except PullError as exc:
-                entry.error = exc
-            except Exception as exc:  # noqa: BLE001 - recorded as "not verified"
-                logger.exception("completeness query to %s failed", src.name)
-                entry.error = PullError(f"{exc.__class__.__name__}: {exc}")
+        self._collect(entry, src)
         if entry.future is None and time.monotonic() - entry.queried_at >= src.completeness_poll_seconds:
+            first = entry.listing is None and entry.error is None
             entry.queried_at = time.monotonic()
             if self._pool is None:
                 self._pool = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="completeness")
             entry.future = self._pool.submit(self.lister, src, study_uid)
-            first = entry.listing is None and entry.error is None
             if first:
-                try:
-                    entry.future.result(timeout=FIRST_ANSWER_WAIT)
-                except Exception:  # noqa: BLE001 - collected below or on a later tick
-                    pass
-                if entry.future.done():
-                    self._refresh(entry, src, study_uid)
+                # A quick archive answers within this tick: no extra tick of delay.
+                cf.wait([entry.future], timeout=FIRST_ANSWER_WAIT)
+                self._collect(entry, src)
+
+    @staticmethod
+    def _collect(entry: _Entry, src: SourceSettings) -> None:
+        fut = entry.future
+        if fut is None or not fut.done():
+            return
+        entry.future = None
+        try:
+            entry.listing, entry.error = fut.result(), None
+        except PullError as exc:
+            entry.error = exc
+        except Exception as exc:  # noqa: BLE001 - recorded as "not verified"
+            logger.error("completeness query to %s failed: %s", src.name, exc, exc_info=exc)
+            entry.error = PullError(f"{exc.__class__.__name__}: {exc}")
 
     def _held(self, study: Study) -> tuple[set[str], set[str]]:
         """(the study's instances on the node, the node's outputs for the study)."""

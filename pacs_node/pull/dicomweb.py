@@ -38,7 +38,7 @@ __all__ = ["list_instances", "query_study", "retrieve_study"]
 
 logger = logging.getLogger(__name__)
 
-_JSON = "application/dicom+json, application/json;q=0.9"
+_JSON = "application/dicom+json"
 _MULTIPART_ANY = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 _MULTIPART = 'multipart/related; type="application/dicom"'
 PAGE = 1000

@@ -231,7 +231,8 @@ class PullService:
                 f"source {src.name} could not send study {study_uid} to {destination} "
                 f"(C-MOVE status 0x{outcome.status:04X}, {outcome.failed} failed"
                 + (f", {outcome.error_comment}" if outcome.error_comment else "")
-                + "): is the node's DICOM SCP running and reachable from the source as declared there?")
+                + f"): check that the source knows the move destination {destination!r} (AE title, host, port) "
+                "and that the node's DICOM SCP is running and reachable from it")
         if outcome.failed:
             report.errors.append(f"{outcome.failed} C-MOVE sub-operation(s) failed")
 

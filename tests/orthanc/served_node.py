@@ -237,3 +237,22 @@ def small_study(directory: Path, n_series: int = 1, per_series: int = 4, modalit
 
     datasets = make_study(n_series, per_series, modality=modality)
     return str(datasets[0].StudyInstanceUID), write_files(datasets, directory)
+
+
+def study_row(node: ServedNode, study_uid: str) -> dict[str, Any]:
+    """The node's ``studies`` row of a study (via the REST API)."""
+    (row,) = [s for s in node.api("GET", "/api/v1/studies", params={"limit": 1000}).json()
+              if s["study_instance_uid"] == study_uid]
+    return dict(row)
+
+
+def instance_rows(node: ServedNode, study_uid: str) -> list[tuple[str, str, str | None]]:
+    """(SOP Instance UID, source, calling AE) of the study's instances on the node."""
+    from sqlalchemy import select
+
+    from pacs_node.db.models import Instance, Study
+
+    with node.db.read_connection() as c:
+        return [tuple(r) for r in c.execute(  # type: ignore[misc]
+            select(Instance.sop_instance_uid, Instance.source, Instance.calling_aet)
+            .join(Study, Study.id == Instance.study_id).where(Study.study_instance_uid == study_uid))]

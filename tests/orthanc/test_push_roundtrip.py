@@ -40,9 +40,10 @@ def test_rest_store_round_trip_over_dimse_and_retry_without_duplicates(site, tmp
     (study,) = [s for s in node.api("GET", "/api/v1/studies").json() if s["study_instance_uid"] == study_uid]
     assert study["version"] == 1, study
 
-    # Retry: a new run of the same job replaces (not duplicates) the results in Orthanc.
-    r = node.api("POST", f"/api/v1/jobs/{job.id}/retry")
-    assert r.status_code == 202 and r.json()["state"] == "queued", r.text
+    # `pacs-node jobs retry ID`: a new run of the same job replaces (does not
+    # duplicate) the results in Orthanc: same SOP Instance UIDs, same count.
+    res = node.cli("jobs", "retry", str(job.id))
+    assert res.returncode == 0 and res.stdout.strip() == f"job {job.id} is queued", res.stderr
     rerun = node.wait_job(job.id, lambda j: j.attempts == 2 and j.state == "done")
     assert [(d.destination, d.status) for d in rerun.deliveries] == [("orthanc", "success")] * 2
     assert {o.sop_instance_uid for o in rerun.outputs} == {o.sop_instance_uid for o in detail.outputs}
