@@ -194,7 +194,7 @@ def test_complete_study_and_the_nodes_own_outputs(node: Node) -> None:
     # holds the node's outputs of job 1.
     late = make_study(1, 1, study_uid=str(study[0].StudyInstanceUID))
     _ingest(node, late)
-    archive = FakeArchive([str(d.SOPInstanceUID) for d in study + late] + own)
+    archive = FakeArchive([str(d.SOPInstanceUID) for d in study + late] + [str(u) for u in own])
     checker = CompletenessChecker(node.db, [_source()], 5, lister=archive, clock=clock)
     asm = _assembler(node, checker, clock)
     clock.offset = 12

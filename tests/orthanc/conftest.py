@@ -12,14 +12,13 @@ completeness (timeout 3 s).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from nodetest import free_port
-from peers import OrthancServer, start_orthanc
-from served_node import COMPLETENESS_TIMEOUT, ServedNode, make_node
+from peers import start_orthanc
+from served_node import COMPLETENESS_TIMEOUT, Site, make_node
 
 
 @pytest.fixture(scope="session")
@@ -27,14 +26,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from worker.engine.demo import tiny_checkpoint
 
     return tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt")
-
-
-@dataclass
-class Site:
-    """An archive and the node it works with."""
-
-    orthanc: OrthancServer
-    node: ServedNode
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from nodetest import free_port, require_tool, tcp_open
+from peers import OrthancServer
 from pacs_node.db.session import Database
 from pacs_node.jobs.queries import get_job, list_jobs
 from pacs_node.jobs.schemas import JobDetail, JobSummary
@@ -177,8 +178,16 @@ class ServedNode:
         assert res.returncode == 0, res.stderr
 
 
+@dataclass
+class Site:
+    """An archive and the node it works with (the ``site`` fixture)."""
+
+    orthanc: OrthancServer
+    node: ServedNode
+
+
 def make_node(workdir: Path, *, model: Path, destinations: list[dict[str, Any]],
-              sources: list[dict[str, Any]] = (), dicom_port: int | None = None,  # type: ignore[assignment]
+              sources: Sequence[dict[str, Any]] = (), dicom_port: int | None = None,
               http_port: int | None = None, extra: str = "") -> ServedNode:
     """Write the configuration of a node under ``workdir`` (not started yet)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -253,6 +262,6 @@ def instance_rows(node: ServedNode, study_uid: str) -> list[tuple[str, str, str 
     from pacs_node.db.models import Instance, Study
 
     with node.db.read_connection() as c:
-        return [tuple(r) for r in c.execute(  # type: ignore[misc]
+        return [(r[0], r[1], r[2]) for r in c.execute(
             select(Instance.sop_instance_uid, Instance.source, Instance.calling_aet)
             .join(Study, Study.id == Instance.study_id).where(Study.study_instance_uid == study_uid))]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from served_node import COMPLETENESS_TIMEOUT, small_study, study_row
+from served_node import COMPLETENESS_TIMEOUT, Site, small_study, study_row
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -22,7 +22,7 @@ def _iso(value: str) -> dt.datetime:
     return dt.datetime.fromisoformat(value)
 
 
-def test_incomplete_study_waits_then_proceeds_with_a_note(site, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_incomplete_study_waits_then_proceeds_with_a_note(site: Site, tmp_path: Path) -> None:
     orthanc, node = site.orthanc, site.node
     study_uid, files = small_study(tmp_path / "study", n_series=2, per_series=5)
     orthanc.upload(files)  # the archive holds 10 instances
@@ -42,7 +42,7 @@ def test_incomplete_study_waits_then_proceeds_with_a_note(site, tmp_path: Path) 
     assert "proceeded incomplete: 6 of 10" in node.log.read_text()
 
 
-def test_complete_study_proceeds_without_waiting(site, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_complete_study_proceeds_without_waiting(site: Site, tmp_path: Path) -> None:
     orthanc, node = site.orthanc, site.node
     study_uid, files = small_study(tmp_path / "study", n_series=2, per_series=5)
     orthanc.upload(files)
@@ -55,7 +55,7 @@ def test_complete_study_proceeds_without_waiting(site, tmp_path: Path) -> None: 
     assert held_back < STABLE + 1.5, held_back  # stable + a tick or two + one C-FIND, no timeout
 
 
-def test_late_instances_complete_the_study_during_the_wait(site, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_late_instances_complete_the_study_during_the_wait(site: Site, tmp_path: Path) -> None:
     """A sender pausing longer than stable_seconds mid-study: one job, with everything."""
     orthanc, node = site.orthanc, site.node
     study_uid, files = small_study(tmp_path / "study", n_series=2, per_series=5)

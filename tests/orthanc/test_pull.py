@@ -18,12 +18,12 @@ from pacs_node.node import Node
 from pacs_node.pull.base import SourceError
 from pacs_node.pull.service import PullService
 from pacs_node.pull.settings import load_sources
-from served_node import instance_rows, small_study, study_row, synthetic_study
+from served_node import Site, instance_rows, small_study, study_row, synthetic_study
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow, pytest.mark.timeout(180)]
 
 
-def test_pull_over_dicomweb_through_the_api_runs_the_job(site, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_pull_over_dicomweb_through_the_api_runs_the_job(site: Site, tmp_path: Path) -> None:
     orthanc, node = site.orthanc, site.node
     study_uid, files = synthetic_study(tmp_path / "study", seed=9301, slices=12)
     orthanc.upload(files)
@@ -49,7 +49,7 @@ def test_pull_over_dicomweb_through_the_api_runs_the_job(site, tmp_path: Path) -
     assert len(node.jobs(study_uid)) == 1
 
 
-def test_pull_with_c_get_through_the_cli(site, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_pull_with_c_get_through_the_cli(site: Site, tmp_path: Path) -> None:
     orthanc, node = site.orthanc, site.node
     study_uid, files = small_study(tmp_path / "study", n_series=2, per_series=3)
     orthanc.upload(files)
@@ -72,7 +72,7 @@ def test_pull_with_c_get_through_the_cli(site, tmp_path: Path) -> None:  # type:
     assert [j.study_version for j in jobs] == [1, 2]
 
 
-def test_pull_with_c_move_to_the_node_itself(site, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_pull_with_c_move_to_the_node_itself(site: Site, tmp_path: Path) -> None:
     orthanc, node = site.orthanc, site.node
     study_uid, files = small_study(tmp_path / "study", n_series=1, per_series=4)
     orthanc.upload(files)
@@ -90,7 +90,7 @@ def test_pull_with_c_move_to_the_node_itself(site, tmp_path: Path) -> None:  # t
     assert study_row(node, study_uid)["num_instances"] == 4
 
 
-def test_pull_of_a_study_the_source_does_not_have(site) -> None:  # type: ignore[no-untyped-def]
+def test_pull_of_a_study_the_source_does_not_have(site: Site) -> None:
     node = site.node
     missing = generate_uid()
     for source in ("orthanc-web", "orthanc-move"):
@@ -104,7 +104,7 @@ def test_pull_of_a_study_the_source_does_not_have(site) -> None:  # type: ignore
     assert node.jobs(missing) == []
 
 
-def test_c_move_to_a_destination_the_source_does_not_know(site, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_c_move_to_a_destination_the_source_does_not_know(site: Site, tmp_path: Path) -> None:
     orthanc = site.orthanc
     study_uid, files = small_study(tmp_path / "study", n_series=1, per_series=2)
     orthanc.upload(files)

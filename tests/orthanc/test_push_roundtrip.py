@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from roundtrip_checks import check_results_in_archive, study_sops
-from served_node import COMPLETENESS_TIMEOUT, synthetic_study
+from served_node import COMPLETENESS_TIMEOUT, Site, synthetic_study
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow, pytest.mark.timeout(240)]
 
 
-def test_rest_store_round_trip_over_dimse_and_retry_without_duplicates(site, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_rest_store_round_trip_over_dimse_and_retry_without_duplicates(site: Site, tmp_path: Path) -> None:
     orthanc, node = site.orthanc, site.node
     study_uid, files = synthetic_study(tmp_path / "study", seed=9201, slices=12)
     orthanc.upload(files)
@@ -52,7 +52,7 @@ def test_rest_store_round_trip_over_dimse_and_retry_without_duplicates(site, tmp
     assert [j.id for j in node.jobs(study_uid)] == [job.id]
 
 
-def test_orthanc_down_during_delivery_is_retried_until_it_is_back(site, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_orthanc_down_during_delivery_is_retried_until_it_is_back(site: Site, tmp_path: Path) -> None:
     orthanc, node = site.orthanc, site.node
     study_uid, files = synthetic_study(tmp_path / "study", seed=9202, slices=12)
     orthanc.upload(files)
