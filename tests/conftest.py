@@ -68,3 +68,11 @@ def node(settings: Settings) -> Iterator[Node]:
         yield n
     finally:
         n.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (tiny, calibrated) U-Net checkpoint, trained once per session."""
+    from worker.engine.demo import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt")

@@ -48,6 +48,7 @@ def test_job_created_once_after_quiet_period(node: Node) -> None:
     created: list[int] = []
     asm = StudyAssembler(node.db, StudySettings(stable_seconds=10), on_job_created=created.append, clock=clock)
     _ingest(node, make_study(3, 4))
+    clock.sync()
     assert asm.tick() == []  # just received: not stable yet
     clock.advance(9.5)
     assert asm.tick() == []
@@ -68,6 +69,7 @@ def test_late_instances_make_a_new_version(node: Node) -> None:
     asm = StudyAssembler(node.db, StudySettings(stable_seconds=5), clock=clock)
     study = make_study(1, 3)
     _ingest(node, study)
+    clock.sync()
     clock.advance(6)
     assert len(asm.tick()) == 1
     # A late instance of the same study: a re-analysis, not a silent merge.
@@ -75,6 +77,7 @@ def test_late_instances_make_a_new_version(node: Node) -> None:
     _ingest(node, [late])
     # A resend of an identical instance does not start a new version.
     _ingest(node, [study[0]])
+    clock.sync()
     clock.advance(6)
     assert len(asm.tick()) == 1
     jobs = _jobs(node)

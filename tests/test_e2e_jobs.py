@@ -31,13 +31,6 @@ COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.engine.demo import tiny_checkpoint
-
-    return tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt")
-
-
 def _study_files(tmp: Path, n: int = 1, slices: int = 12) -> list[tuple[str, list[Path]]]:
     from worker.engine.synthetic import make_case
 

@@ -22,13 +22,6 @@ from served_node import COMPLETENESS_TIMEOUT, Site, make_node
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.engine.demo import tiny_checkpoint
-
-    return tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt")
-
-
-@pytest.fixture(scope="session")
 def site(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Site]:
     root = tmp_path_factory.mktemp("site")
     node_dicom, node_http = free_port(), free_port()
