@@ -238,7 +238,7 @@ def _real_cases(data: Path, masks: Path | None) -> list[Any]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Handle ``pacs-node evaluate``; returns the exit code."""
     from worker.engine.checkpoint import CheckpointError
-    from worker.engine.demo import test_cases
+    from worker.engine.demo import synthetic_test_set
     from worker.engine.dicom_io import SeriesError
     from worker.engine.evaluate import evaluate
     from worker.engine.predictor import Predictor
@@ -254,7 +254,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _threads(args, st)
     try:
         pred = Predictor.from_checkpoint(args.model, device=args.device or st.device, batch_size=st.batch_size, amp=st.amp)
-        cases = test_cases(args.n_abnormal, args.n_normal) if args.synthetic else _real_cases(args.data, args.masks)
+        cases = synthetic_test_set(args.n_abnormal, args.n_normal) if args.synthetic else _real_cases(args.data, args.masks)
         res = evaluate(pred, cases, plots_dir=args.plots)
     except (CheckpointError, SeriesError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -22,7 +22,7 @@ from .synthetic import DEFAULT_SHAPE, DEFAULT_SPACING, make_case
 from .train import TrainConfig
 from .volume import Volume
 
-__all__ = ["DemoConfig", "SEEDS", "demo_config", "synthetic_normals", "synthetic_cases", "test_cases",
+__all__ = ["DemoConfig", "SEEDS", "demo_config", "synthetic_normals", "synthetic_cases", "synthetic_test_set",
            "train_demo_model", "tiny_checkpoint", "train_synthetic"]
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def synthetic_cases(split: str, n_abnormal: int, n_normal: int, shape: tuple[int
     return out
 
 
-def test_cases(n_abnormal: int = 24, n_normal: int = 6) -> list[tuple[Volume, np.ndarray | None]]:
+def synthetic_test_set(n_abnormal: int = 24, n_normal: int = 6) -> list[tuple[Volume, np.ndarray | None]]:
     """The held-out synthetic test set (seeds never used for training or calibration)."""
     return synthetic_cases("test", n_abnormal, n_normal)
 
