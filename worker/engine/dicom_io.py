@@ -156,7 +156,7 @@ def load_series_refs(paths: list[Path]) -> tuple[Volume, list[FrameRef]]:
         raise SeriesError("degenerate ImageOrientationPatient")
     normal /= np.linalg.norm(normal)
     dist = np.array([float(s.pos @ normal) for s in slices])
-    order = sorted(range(len(slices)), key=lambda i: (round(dist[i], 4), slices[i].instance))
+    order = sorted(range(len(slices)), key=lambda i: (round(float(dist[i]), 4), slices[i].instance))
     slices = [slices[i] for i in order]
     dist = dist[order]
     steps = np.diff(dist)

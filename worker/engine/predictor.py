@@ -108,7 +108,7 @@ class Predictor:
         self.device = select_device(device)
         self.model = model.to(self.device).eval()
         if self.device.type == "cpu":
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.preprocess_cfg = PreprocessConfig.from_dict(meta["preprocess"])
         self.scoring = ScoringConfig.from_dict(meta["scoring"])
         self.atlas = ZScoreAtlas.from_tensors(tensors or {})

@@ -275,7 +275,7 @@ def from_model_grid(vol: Volume, array: np.ndarray, linear: bool = True) -> np.n
     size = tuple(array.shape[1:])
     if size == vol.shape[1:]:
         return array.astype(np.float32, copy=True)
-    spacing, origin = _model_geometry(vol, size)  # type: ignore[arg-type]
+    spacing, origin = _model_geometry(vol, (int(size[0]), int(size[1])))
     img = sitk.GetImageFromArray(array.astype(np.float32))
     img.SetSpacing(spacing)
     img.SetOrigin(origin)

@@ -152,7 +152,7 @@ def make_phantom(
     for code, key in ((2, "gm"), (3, "wm"), (4, "deep"), (5, "csf")):
         lab_img[lab == code] = jitter[key]
     # gentle within-tissue variation, then partial-volume blur
-    lab_img = lab_img * (1.0 + 0.03 * _smooth_field(rng, shape, 9) * (lab >= 2))
+    lab_img = (lab_img * (1.0 + 0.03 * _smooth_field(rng, shape, 9) * (lab >= 2))).astype(np.float32)
     img = ndi.gaussian_filter(lab_img, sigma=(0.5, 0.6, 0.6))
     return img.astype(np.float32), lab
 

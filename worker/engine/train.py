@@ -345,7 +345,7 @@ def train(
     dev = select_device(device)
     dtype = amp_dtype(dev, cfg.amp)
     torch.manual_seed(cfg.seed)
-    model = UNet(ucfg).to(dev).to(memory_format=torch.channels_last)
+    model = UNet(ucfg).to(dev).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * cfg.steps_per_epoch
     clock: dict[str, float] = {"before": 0.0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +52,7 @@ class Volume:
     @property
     def shape(self) -> tuple[int, int, int]:
         """Array shape ``(z, y, x)``."""
-        return tuple(self.array.shape)  # type: ignore[return-value]
+        return tuple(self.array.shape)
 
     @property
     def voxel_volume_mm3(self) -> float:
@@ -90,15 +91,15 @@ class Volume:
         return img
 
     @classmethod
-    def from_sitk(cls, img: "object", modality: str = "MR") -> "Volume":
+    def from_sitk(cls, img: Any, modality: str = "MR") -> "Volume":
         """Build a volume from a ``SimpleITK.Image``."""
         import SimpleITK as sitk
 
         arr = sitk.GetArrayFromImage(img).astype(np.float32)
         return cls(
             array=arr,
-            spacing=tuple(img.GetSpacing()[::-1]),  # type: ignore[attr-defined]
-            origin=tuple(img.GetOrigin()),  # type: ignore[attr-defined]
-            direction=np.asarray(img.GetDirection()).reshape(3, 3),  # type: ignore[attr-defined]
+            spacing=tuple(img.GetSpacing()[::-1]),
+            origin=tuple(img.GetOrigin()),
+            direction=np.asarray(img.GetDirection()).reshape(3, 3),
             modality=modality,
         )
