@@ -25,6 +25,7 @@ training steps); ``--model`` overrides.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import threading
@@ -82,10 +83,10 @@ def model_description(path: Path) -> dict[str, Any]:
 
         ck = torch.load(path, map_location="cpu", weights_only=False)
         meta = ck.get("meta", {}) if isinstance(ck, dict) else {}
-        keep = {k: meta.get(k) for k in ("model_name", "version", "engine_version") if k in meta}
-        for k in ("unet", "preprocess"):
-            if k in ck:
-                keep[k] = ck[k]
+        if isinstance(meta, str):
+            meta = json.loads(meta)
+        keep = {k: meta.get(k) for k in ("model_name", "code_version", "arch", "preprocess") if k in meta}
+        keep["scoring_erode_mm"] = meta.get("scoring", {}).get("erode_mm")
         return keep
     except Exception as exc:  # noqa: BLE001 - description only
         return {"error": str(exc)[:200]}
@@ -204,6 +205,83 @@ def httpx_delete(o: Orthanc, path: str) -> None:
     httpx.delete(o.url + path, timeout=60)
 
 
+def children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (from /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def summarize_profile(raw: Path, top: int = 45) -> str:
+    """Inclusive share of the worker's samples per function (py-spy collapsed stacks)."""
+    import collections
+
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        seen = set()
+        for f in stack.split(";"):
+            name = f.split(" (")[0]
+            where = f.split(" (")[-1].split(":")[0] if " (" in f else ""
+            key = f"{name} ({'/'.join(where.split('/')[-2:])})"
+            if key not in seen:
+                seen.add(key)
+                incl[key] += n
+    lines = [f"samples: {total}"]
+    lines += [f"{100 * c / max(total, 1):5.1f}%  {k}" for k, c in incl.most_common(top)]
+    return "\n".join(lines)
+
+
+PROFILE_ITEMS = [
+    ("job (_process_claimed)", ["_process_claimed"]),
+    ("load_series (read the DICOM files)", ["_process_claimed", "load_series"]),
+    ("Predictor.predict", ["Predictor.predict"]),
+    ("  components: preprocess", ["Predictor.components", "preprocess"]),
+    ("  components: erode_mm (foreground erosion on the source grid)", ["Predictor.components", "erode_mm"]),
+    ("  components: Predictor.reconstruct (U-Net forward)", ["Predictor.components", "Predictor.reconstruct"]),
+    ("  components: maps back to the source grid", ["Predictor.components", "Predictor.components.<locals>.<dictcomp>"]),
+    ("  finalize (3D post-processing)", ["Predictor.predict", "Predictor.finalize"]),
+    ("    finalize: study_score (np.partition)", ["Predictor.finalize", "study_score"]),
+    ("    finalize: clean_mask", ["Predictor.finalize", "clean_mask"]),
+    ("build_job_outputs", ["build_job_outputs"]),
+    ("  write_outputs: validate_file (re-read + dciodvfy)", ["build_job_outputs", "validate_file"]),
+    ("  write_outputs: save_as", ["build_job_outputs", "write_outputs", "Dataset.save_as"]),
+    ("  build_sr", ["build_job_outputs", "build_sr"]),
+    ("  build_anomaly_map", ["build_job_outputs", "build_anomaly_map"]),
+    ("  build_seg", ["build_job_outputs", "build_seg"]),
+    ("deliver_job (C-STORE to Orthanc)", ["deliver_job"]),
+]
+
+
+def profile_breakdown(raw: Path, rate: int) -> dict[str, float]:
+    """Seconds of worker time per item (a stack counts when it holds the chain's functions in order)."""
+    totals = {label: 0 for label, _ in PROFILE_ITEMS}
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        names = [f.split(" (")[0] for f in stack.split(";")]
+        for label, chain in PROFILE_ITEMS:
+            i = 0
+            for nm in names:
+                if i < len(chain) and nm == chain[i]:
+                    i += 1
+            if i == len(chain):
+                totals[label] += int(count)
+    return {k: round(v / rate, 1) for k, v in totals.items()}
+
+
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -219,7 +297,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         for j, k in enumerate(STAGES):
             w = med[z][k]
             ax.barh(i, w, left=left, color=colors[j % len(colors)], label=k if i == 0 else None)
-            if w > 1.0:
+            if w > 2.5:
                 ax.text(left + w / 2, i, f"{w:.1f}", ha="center", va="center", fontsize=7)
             left += w
         e2e = median([r["e2e_s"] for r in runs if r["slices"] == z])
@@ -242,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--stable-seconds", type=float, default=1.0)
     ap.add_argument("--extra-config", default="", help="TOML appended to the node's config (experiments)")
+    ap.add_argument("--pyspy", action="store_true",
+                    help="record the worker with py-spy during the measured studies (out/<name>-worker-profile.txt)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--publish", action="store_true")
     args = ap.parse_args(argv)
@@ -258,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     node_dicom, node_http = free_port(), free_port()
     runs: list[dict[str, Any]] = []
     warmup: dict[str, Any] = {}
+    worker_profile: dict[str, float] = {}
     t_start = time.time()
     with orthanc(work / "orthanc", modalities={"pacsnode": ["PACSNODE", "127.0.0.1", node_dicom]}) as o:
         dest = (f'[[destinations]]\nname = "orthanc"\nkind = "dimse"\nhost = "127.0.0.1"\nport = {o.dicom_port}\n'
@@ -267,14 +348,32 @@ def main(argv: list[str] | None = None) -> int:
                   dicom_port=node_dicom, http_port=node_http, log_level="INFO") as n:
             warmup = run_study(o, n, warm, "warm-up (first job: model load)", work)
             log(f"warm-up: E2E {warmup['e2e_s']} s, stages {warmup['stages_s']}")
-            for rep in range(args.reps):
-                order = sizes if rep % 2 == 0 else list(reversed(sizes))
-                for z in order:
-                    r = run_study(o, n, volumes[z], f"{z} slices", work)
-                    r["rep"] = rep
-                    runs.append(r)
-                    log(f"rep {rep} {z} slices: E2E {r['e2e_s']} s, inference {r['model_compute_s']} s, "
-                        f"overhead {100 * r['overhead_fraction']:.1f}% stages {r['stages_s']}")
+            spy = None
+            worker_profile: dict[str, float] = {}
+            raw = OUT_DIR / f"{name}-worker-profile.raw"
+            if args.pyspy:
+                import subprocess
+
+                workers = children(n.process.pid)
+                spy = subprocess.Popen(["py-spy", "record", "--subprocesses", "-p", str(workers[0]), "-r", "50",
+                                        "-f", "raw", "-o", str(raw)], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+            try:
+                for rep in range(args.reps):
+                    order = sizes if rep % 2 == 0 else list(reversed(sizes))
+                    for z in order:
+                        r = run_study(o, n, volumes[z], f"{z} slices", work)
+                        r["rep"] = rep
+                        runs.append(r)
+                        log(f"rep {rep} {z} slices: E2E {r['e2e_s']} s, inference {r['model_compute_s']} s, "
+                            f"overhead {100 * r['overhead_fraction']:.1f}% stages {r['stages_s']}")
+            finally:
+                if spy is not None:
+                    spy.send_signal(2)
+                    spy.wait(timeout=120)
+            if spy is not None:
+                (OUT_DIR / f"{name}-worker-profile.txt").write_text(summarize_profile(raw))
+                worker_profile = profile_breakdown(raw, 50)
     summary: dict[str, Any] = {}
     for z in sizes:
         rs = [r for r in runs if r["slices"] == z]
@@ -292,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                "machine": machine, "model": str(model), "model_how": model_how,
                "model_description": model_description(model), "size": args.size, "spacing": spacing,
                "stable_seconds": args.stable_seconds, "wall_seconds": round(time.time() - t_start, 1),
-               "warmup": warmup, "summary": summary, "runs": runs}
+               "warmup": warmup, "summary": summary, "runs": runs,
+               "worker_profile": worker_profile}
     jpath = write_json(f"{name}.json", payload)
     png = OUT_DIR / f"{name}.png"
     plot(runs, png)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import shutil
 import sys
 import time
@@ -44,6 +45,7 @@ from common import (
     OUT_DIR,
     RESULTS_DIR,
     drop_caches_best_effort,
+    durable_write_ceiling,
     export_tree,
     log,
     machine_info,
@@ -142,6 +144,34 @@ def summarize(runs: list[dict[str, Any]], targets: list[str], assocs_list: list[
     return summary
 
 
+def run_diagnostics(n: int, reps: int = 3) -> dict[str, Any]:
+    """Floors that explain the node's figures, measured right after the runs."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    out: dict[str, Any] = {}
+    for threads in (1, 4):
+        runs = [durable_write_ceiling(OUT_DIR, threads=threads, n=200) for _ in range(reps)]
+        out[f"durable_write_sequence_{threads}_thread"] = {
+            "files_per_s_median": median([r["files_per_s"] for r in runs]),
+            "ms_per_file_median": median([r["ms_per_file"] for r in runs]),
+            "what": "512 KiB: write tmp + fsync + rename + fsync(dir) + one SQLite WAL commit (synchronous=FULL)"}
+    for assocs in (1, 4):
+        r = subprocess.run([sys.executable, str(here / "pynetdicom_floor.py"), "--n", str(n), "--reps", str(reps),
+                            "--assocs", str(assocs)], capture_output=True, text=True, check=True)
+        out[f"pynetdicom_noop_scp_{assocs}_assoc"] = json.loads(r.stdout.strip().splitlines()[-1])
+    for assocs, extra in ((1, []), (4, []), (1, ["--nofsync"])):
+        vals = []
+        for _ in range(reps):
+            r = subprocess.run([sys.executable, str(here / "inproc_ingest.py"), "--n", str(n), "--assocs", str(assocs),
+                                *extra], capture_output=True, text=True, check=True)
+            vals.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        key = f"node_inprocess_{assocs}_assoc" + ("_nofsync" if extra else "")
+        out[key] = {k: median([v[k] for v in vals]) for k in ("images_per_s", "cpu_ms_per_instance", "cpu_utilisation")}
+        out[key]["commits_per_request"] = round(median([v["commits"] / v["requests"] for v in vals]), 3)
+    return out
+
+
 def plot(summary: dict[str, Any], targets: list[str], assocs_list: list[int], n: int, path: Path) -> None:
     import matplotlib
 
@@ -182,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nofsync-assocs", default="1", help="associations for node-nofsync (default 1)")
     ap.add_argument("--baseline", default="", help="git revision: also run target node-base from that revision")
     ap.add_argument("--tag", default="", help="suffix of the output names (e.g. 'before')")
+    ap.add_argument("--no-diagnostics", action="store_true",
+                    help="skip the floors measured after the runs (durable write sequence, pynetdicom no-op SCP, "
+                         "in-process CPU per instance)")
     ap.add_argument("--publish", action="store_true", help="copy JSON to benchmarks/results/, PNG to docs/img/")
     args = ap.parse_args(argv)
 
@@ -218,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(r)
                 log(f"rep {rep} {t:13s} assocs={a}: {r['images_per_s']:7.1f} img/s {r['mb_per_s']:7.1f} MB/s")
     summary = summarize(runs, targets, assocs_list)
+    diagnostics = {} if args.no_diagnostics else run_diagnostics(min(args.n, 300))
     payload = {"benchmark": "ingest", "command": "python benchmarks/bench_ingest.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "n": args.n, "reps": args.reps, "instance_bytes": files[0].stat().st_size, "machine": machine,
-               "wall_seconds": round(time.time() - t_start, 1), "summary": summary, "runs": runs}
+               "wall_seconds": round(time.time() - t_start, 1), "summary": summary, "diagnostics": diagnostics, "runs": runs}
     jpath = write_json(f"{name}.json", payload)
     png = OUT_DIR / f"{name}.png"
     plot(summary, targets, assocs_list, args.n, png)
@@ -237,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     rrows = [[k.split("/")[0], k.split("/")[1], k.split("/")[2], v["median"], f"{v['min']}–{v['max']}"]
              for k, v in summary.get("ratios", {}).items()]
     print(md_table(["node", "vs", "assocs", "ratio (median of per-rep)", "min–max"], rrows))
+    if diagnostics:
+        print("\ndiagnostics:", json.dumps(diagnostics, indent=1))
     print(f"\nJSON: {jpath}\nPNG: {png}")
     if args.publish:
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
