@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -230,7 +231,32 @@ class NodeServer:
         logger.info("pacs-node stopped")
 
 
+#: The engine's default model path (``[engine] model``).
+DEFAULT_MODEL = Path("./pacs-node-data/models/demo.pt")
+#: The demo model shipped with the project (trained on synthetic data by
+#: ``pacs-node train --synthetic``; see docs/benchmarks.md).
+BUNDLED_DEMO_MODEL = Path(__file__).resolve().parent / "data" / "demo-model.pt"
+
+
+def provision_demo_model(settings: Settings) -> Path | None:
+    """Install the bundled demo model at the default model path on first start.
+
+    Only when ``[engine] model`` is left at its default and no file is there:
+    an operator's own model is never replaced. Returns the installed path.
+    """
+    configured = Path(str(settings.engine.get("model", DEFAULT_MODEL)))
+    if configured != DEFAULT_MODEL or configured.exists() or not BUNDLED_DEMO_MODEL.is_file():
+        return None
+    configured.parent.mkdir(parents=True, exist_ok=True)
+    tmp = configured.with_suffix(".pt.tmp")
+    shutil.copyfile(BUNDLED_DEMO_MODEL, tmp)
+    os.replace(tmp, configured)
+    logger.info("installed the bundled demo model (synthetic data, NOT FOR CLINICAL USE) at %s", configured)
+    return configured
+
+
 def serve(settings: Settings, config_file: str | None = None) -> int:
+    provision_demo_model(settings)
     node = Node.from_settings(settings)
     worker = None
     if settings.queue.start_worker:
