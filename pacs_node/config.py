@@ -27,6 +27,7 @@ from pydantic_settings import (
 
 __all__ = [
     "ConfigError",
+    "check_ae_title",
     "DatabaseSettings",
     "DicomSettings",
     "HttpSettings",
@@ -45,7 +46,14 @@ class ConfigError(ValueError):
     """A configuration value is invalid; ``str(err)`` is one line naming the key."""
 
 
-def _check_ae(value: str) -> str:
+def check_ae_title(value: str) -> str:
+    """Validate an AE title (1-16 printable characters, no backslash); returns it stripped.
+
+    Raises
+    ------
+    ValueError
+        When the title is not valid.
+    """
     if not _AE_RE.match(value) or not value.strip():
         raise ValueError("must be 1-16 printable characters without backslash")
     return value.strip()
@@ -70,12 +78,12 @@ class DicomSettings(BaseModel):
     @field_validator("ae_title")
     @classmethod
     def _check_title(cls, v: str) -> str:
-        return _check_ae(v)
+        return check_ae_title(v)
 
     @field_validator("allowed_calling_aets")
     @classmethod
     def _check_allowed(cls, v: list[str]) -> list[str]:
-        return [_check_ae(x) for x in v]
+        return [check_ae_title(x) for x in v]
 
 
 class HttpSettings(BaseModel):

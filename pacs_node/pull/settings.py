@@ -31,16 +31,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from pacs_node.config import check_ae_title as _ae
+
 __all__ = ["SourceSettings", "find_source", "load_sources"]
 
-_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-def _ae(value: str) -> str:
-    if not _AE_RE.match(value) or not value.strip():
-        raise ValueError("must be 1-16 printable characters without backslash")
-    return value.strip()
 
 
 class SourceSettings(BaseModel):
