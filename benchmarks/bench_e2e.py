@@ -15,7 +15,8 @@ is sent first so that the worker has loaded the model (its cold figures are
 reported as the warm-up row); every measured study is a new study (fresh UIDs,
 same voxels per size), the sizes alternate across repetitions.
 
-Model: ``./pacs-node-data/models/demo.pt`` when it exists, else
+Model: ``./pacs-node-data/models/demo.pt`` when it exists, else the shipped
+demo model ``pacs_node/data/demo-model.pt``, else
 ``benchmarks/out/models/demo-fast.pt`` (trained here on first use with
 ``worker.engine.demo.train_synthetic(demo_config(fast=True))``, ~1 min: same
 U-Net architecture and inference input size as the full demo model, fewer
@@ -67,6 +68,9 @@ def resolve_model(arg: str | None) -> tuple[Path, str]:
     demo = REPO / "pacs-node-data" / "models" / "demo.pt"
     if demo.exists():
         return demo, "pacs-node-data/models/demo.pt (the demo model)"
+    shipped = REPO / "pacs_node" / "data" / "demo-model.pt"
+    if shipped.exists():
+        return shipped, "pacs_node/data/demo-model.pt (the shipped synthetic demo model, `pacs-node train --synthetic`)"
     fast = OUT_DIR / "models" / "demo-fast.pt"
     if not fast.exists():
         log("training the fast synthetic demo model (~1 min)")
@@ -75,6 +79,21 @@ def resolve_model(arg: str | None) -> tuple[Path, str]:
         fast.parent.mkdir(parents=True, exist_ok=True)
         train_synthetic(fast, demo_config(fast=True), device="cpu", progress=False, model_name="synthetic-demo-fast")
     return fast, "benchmarks/out/models/demo-fast.pt (train_synthetic(demo_config(fast=True)), trained by this script)"
+
+
+def whatif_model(model: Path, erode_mm: float) -> Path:
+    """A copy of ``model`` whose scoring ``erode_mm`` is changed (WHAT-IF experiments only: it changes
+    the model's output; used to measure how much of the E2E time the foreground erosion takes)."""
+    import torch
+
+    ck = torch.load(model, map_location="cpu", weights_only=False)
+    meta = json.loads(ck["meta"]) if isinstance(ck["meta"], str) else dict(ck["meta"])
+    meta["scoring"]["erode_mm"] = float(erode_mm)
+    ck["meta"] = json.dumps(meta) if isinstance(ck["meta"], str) else meta
+    out = OUT_DIR / "models" / f"{model.stem}-whatif-erode{erode_mm:g}.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ck, out)
+    return out
 
 
 def model_description(path: Path) -> dict[str, Any]:
@@ -160,7 +179,13 @@ def run_study(o: Orthanc, n: NodeProc, volume: Any, label: str, work: Path, time
         time.sleep(0.1)
     t_end = time.time()
     th.join(timeout=60)
+    # The SEG and the SR can be in Orthanc before the job is recorded done (the
+    # anomaly map may still be in flight): wait for the record, outside the E2E time.
     rec = job_record(n, study_uid)
+    settle = time.monotonic() + 60
+    while rec.get("state") != "done" and time.monotonic() < settle:
+        time.sleep(0.2)
+        rec = job_record(n, study_uid)
     tm = rec["timings"]
     events = rec["events"]
     delivering = [e["at"] for e in events if e["to"] == "delivering"]
@@ -181,7 +206,8 @@ def run_study(o: Orthanc, n: NodeProc, volume: Any, label: str, work: Path, time
     delivery_start = delivering[-1] if len(delivering) >= 2 else (delivering[0] if delivering else processing_end)
     stages["to_delivery"] = max(0.0, delivery_start - processing_end)
     stages["delivery"] = tm.get("delivery", 0.0)
-    stages["visible"] = max(0.0, t_end - (rec["finished"] or t_end))  # job done -> seen by the REST poll
+    # job done -> seen by the REST poll (negative when SEG + SR were seen before the job was recorded done)
+    stages["visible"] = t_end - (rec["finished"] or t_end)
     accounted = sum(stages.values())
     compute = stages["inference"]
     out = {
@@ -318,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--size", type=int, default=256, help="rows = columns (default 256)")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--whatif-erode-mm", type=float, default=None,
+                    help="WHAT-IF: run with a copy of the model whose scoring erode_mm is this value (not the product)")
     ap.add_argument("--stable-seconds", type=float, default=1.0)
     ap.add_argument("--extra-config", default="", help="TOML appended to the node's config (experiments)")
     ap.add_argument("--pyspy", action="store_true",
@@ -331,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     machine = machine_info(OUT_DIR)
     model, model_how = resolve_model(args.model)
+    if args.whatif_erode_mm is not None:
+        model = whatif_model(model, args.whatif_erode_mm)
+        model_how = f"WHAT-IF copy of {model_how} with scoring.erode_mm = {args.whatif_erode_mm:g}"
     log(f"model {model} ({model_how})")
     spacing = {z: (200.0 / z, 0.9, 0.9) for z in sizes}
     volumes = {z: mr_volume(z, size=args.size, spacing=spacing[z]) for z in sizes}

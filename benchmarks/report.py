@@ -87,7 +87,7 @@ def e2e() -> None:
     if w:
         print(f"\nwarm-up study ({w['slices']} slices, first job of the worker): E2E {w['e2e_s']} s, "
               f"queue_wait {w['stages_s']['queue_wait']} s, load {w['stages_s']['load']} s")
-    for extra in ("e2e-profile", "e2e-whatif-noerode"):
+    for extra in ("e2e-profile", "e2e-whatif-erode0"):
         x = load(extra)
         if x:
             r = x["runs"][0]
