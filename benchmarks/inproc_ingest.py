@@ -2,7 +2,8 @@
 SQLite, fsync on), fed by dcmtk storescu; prints images/s and the group
 commit statistics (requests per commit).
 
-    python benchmarks/inproc_ingest.py [--n 300] [--assocs 4]
+    python benchmarks/inproc_ingest.py [--n 300] [--assocs 4] [--nofsync]
+    python benchmarks/inproc_ingest.py --micro     # ms per step of the handler's work
 """
 
 from __future__ import annotations
@@ -18,12 +19,65 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT_DIR, free_port, make_ct_series, send_parallel
 
 
+def micro(n: int) -> dict[str, float]:
+    """Median ms per step of the node's handler work, no network, no fsync (files from the CT data set)."""
+    import hashlib
+    import statistics
+    import struct
+    import time
+
+    from pacs_node.db.migrate import upgrade
+    from pacs_node.db.session import Database
+    from pacs_node.ingest.recorder import Ingestor, encode_part10, parse_meta
+    from pacs_node.ingest.storage import InstanceStore
+
+    datas = [p.read_bytes() for p in make_ct_series(500, OUT_DIR / "data" / "ct512-500")[:n]]
+    work = OUT_DIR / "work-micro"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    db = Database(f"sqlite:///{work / 'n.db'}")
+    upgrade(db)
+    ing = Ingestor(db, InstanceStore(work / "st", fsync=False, min_free_bytes=256 << 20))
+    t: dict[str, list[float]] = {k: [] for k in ("parse_meta", "encode_part10", "lookup", "sha256", "write_nofsync",
+                                                 "record_and_commit")}
+    try:
+        for d in datas:
+            meta_len = struct.unpack("<I", d[140:144])[0]
+            a = time.perf_counter()
+            m = parse_meta(d)
+            t["parse_meta"].append(time.perf_counter() - a)
+            a = time.perf_counter()
+            encode_part10(d[144 + meta_len:], m, implementation_aet="BENCH")
+            t["encode_part10"].append(time.perf_counter() - a)
+            a = time.perf_counter()
+            ing._lookup(m.sop_uid)
+            t["lookup"].append(time.perf_counter() - a)
+            a = time.perf_counter()
+            hashlib.sha256(d).hexdigest()
+            t["sha256"].append(time.perf_counter() - a)
+            a = time.perf_counter()
+            st = ing.store.write(m.study_uid, m.series_uid, m.sop_uid, d)
+            t["write_nofsync"].append(time.perf_counter() - a)
+            a = time.perf_counter()
+            ing._record(m, st.relpath, st.size, st.sha256, "dimse", "BENCH")
+            t["record_and_commit"].append(time.perf_counter() - a)
+    finally:
+        db.dispose()
+        shutil.rmtree(work, ignore_errors=True)
+    return {f"{k}_ms": round(statistics.median(v) * 1e3, 3) for k, v in t.items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--assocs", type=int, default=4)
     ap.add_argument("--nofsync", action="store_true")
+    ap.add_argument("--micro", action="store_true",
+                    help="time each step of the handler's work in a loop instead (no network, no fsync)")
     args = ap.parse_args()
+    if args.micro:
+        print(json.dumps(micro(min(args.n, 200))))
+        return 0
     from pacs_node.config import DicomSettings
     from pacs_node.db.migrate import upgrade
     from pacs_node.db.session import Database
