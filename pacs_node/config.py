@@ -28,6 +28,7 @@ from pydantic_settings import (
 __all__ = [
     "ConfigError",
     "check_ae_title",
+    "check_peer_address",
     "DatabaseSettings",
     "DicomSettings",
     "HttpSettings",
@@ -57,6 +58,28 @@ def check_ae_title(value: str) -> str:
     if not _AE_RE.match(value) or not value.strip():
         raise ValueError("must be 1-16 printable characters without backslash")
     return value.strip()
+
+
+def check_peer_address(*, dimse: bool, host: str, ae_title: str, url: str, what: str) -> str:
+    """Check the address of a remote peer (a source or a destination).
+
+    A DIMSE peer needs ``host`` and ``ae_title``; a web peer needs an http(s)
+    ``url``, returned without its trailing slash.
+
+    Raises
+    ------
+    ValueError
+        Naming ``what`` (e.g. "a dimse destination") and the missing part.
+    """
+    if dimse:
+        if not host:
+            raise ValueError(f"{what} needs host")
+        if not ae_title:
+            raise ValueError(f"{what} needs ae_title")
+        return url
+    if not re.match(r"^https?://", url):
+        raise ValueError(f"{what} needs url (http:// or https://)")
+    return url.rstrip("/")
 
 
 class DicomSettings(BaseModel):

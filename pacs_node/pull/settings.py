@@ -32,6 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pacs_node.config import check_ae_title as _ae
+from pacs_node.config import check_peer_address
 
 __all__ = ["SourceSettings", "find_source", "load_sources"]
 
@@ -106,15 +107,8 @@ class SourceSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check_kind(self) -> "SourceSettings":
-        if self.kind == "dimse":
-            if not self.host:
-                raise ValueError("a dimse source needs host")
-            if not self.ae_title:
-                raise ValueError("a dimse source needs ae_title")
-        else:
-            if not re.match(r"^https?://", self.url):
-                raise ValueError("a dicomweb source needs url (http:// or https://)")
-            self.url = self.url.rstrip("/")
+        self.url = check_peer_address(dimse=self.kind == "dimse", host=self.host, ae_title=self.ae_title,
+                                      url=self.url, what=f"a {self.kind} source")
         return self
 
     def describe(self) -> str:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pacs_node.config import check_ae_title as _ae
+from pacs_node.config import check_peer_address
 
 __all__ = ["DestinationSettings", "load_destinations"]
 
@@ -85,15 +86,8 @@ class DestinationSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check_kind(self) -> "DestinationSettings":
-        if self.kind == "dimse":
-            if not self.host:
-                raise ValueError("a dimse destination needs host")
-            if not self.ae_title:
-                raise ValueError("a dimse destination needs ae_title")
-        else:
-            if not re.match(r"^https?://", self.url):
-                raise ValueError("a stowrs destination needs url (http:// or https://)")
-            self.url = self.url.rstrip("/")
+        self.url = check_peer_address(dimse=self.kind == "dimse", host=self.host, ae_title=self.ae_title,
+                                      url=self.url, what=f"a {self.kind} destination")
         return self
 
     def backoff(self, retry: int) -> float:
