@@ -62,6 +62,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget for training")
     p.add_argument("--objective", choices=["dae", "ae"], default=None)
     p.add_argument("--loss", choices=["mse", "l1"], default=None)
+    p.add_argument("--local-prob", type=float, default=None,
+                   help="share of training samples that also get local corruptions (0 = coarse noise only)")
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--base", type=int, default=None, help="channels of the first U-Net level")
     p.add_argument("--norm", choices=["group", "instance", "none"], default=None)
@@ -127,7 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     t = cfg.train
     over = {k: v for k, v in {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "batch_size": args.batch_size,
                               "lr": args.lr, "max_minutes": args.max_minutes, "objective": args.objective,
-                              "loss": args.loss}.items() if v is not None}
+                              "loss": args.loss, "local_prob": args.local_prob}.items() if v is not None}
     cfg.train = replace(t, seed=args.seed, amp=st.amp, **over)
     cfg.unet = replace(cfg.unet, **{k: v for k, v in {"depth": args.depth, "base": args.base, "norm": args.norm}.items() if v is not None})
     pp = {"ct_window": tuple(st.ct_window), "mr_method": st.mr_method}

@@ -70,3 +70,21 @@ def test_checkpoint_every_epoch_and_resume(tmp_path: Path) -> None:
     assert resumed.history[1]["val_loss"] == pytest.approx(full.history[1]["val_loss"], rel=1e-6)
     for a, b in zip(resumed.model.state_dict().values(), full.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_ema_weights_are_used_and_resume_keeps_them(tmp_path: Path) -> None:
+    import pytest
+
+    tr, va = _data(range(3)), _data(range(100, 101))
+    cfg = TrainConfig(epochs=2, steps_per_epoch=3, batch_size=4, warmup_steps=1, seed=2, noise_res=(4,), patience=10,
+                      ema=0.5, local_prob=0.5)
+    plain = train(tr, va, UCFG, TrainConfig(**{**cfg.to_dict(), "ema": 0.0}), device="cpu", progress=False)
+    full = train(tr, va, UCFG, cfg, device="cpu", progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(), full.model.state_dict().values()))
+    state = tmp_path / "m.pt.state"
+    train(tr, va, UCFG, cfg, device="cpu", state_path=state, progress=False, max_epochs_this_run=1)
+    resumed = train(tr, va, UCFG, cfg, device="cpu", state_path=state, resume=True, progress=False)
+    for a, b in zip(resumed.model.state_dict().values(), full.model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="ema"):
+        train(tr, va, UCFG, TrainConfig(**{**cfg.to_dict(), "ema": 1.0}), device="cpu", progress=False)

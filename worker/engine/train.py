@@ -8,6 +8,7 @@ network learns to restore the clean normal slice.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .corruption import LOCAL_KINDS, coarse_noise, local_corruption
 from .model import UNet, UNetConfig
 from .preprocess import PreprocessConfig, context_stack, preprocess
 from .volume import Volume
@@ -67,6 +69,18 @@ class TrainConfig:
     amp:
         ``"auto"`` (bf16 autocast on CUDA, or on CPUs with native bf16),
         ``"on"`` or ``"off"``.
+    local_prob:
+        Share of training samples that also get local corruptions
+        (:func:`~worker.engine.corruption.local_corruption`: fine-grained
+        noise patches, tissue from another slice, local intensity change);
+        0 keeps the pure coarse-noise objective.
+    local_kinds, local_radius:
+        Which local corruptions are drawn and their size range (fraction of
+        the image width).
+    ema:
+        Decay of an exponential moving average of the weights (e.g. 0.995);
+        when set, validation, early stopping and the saved model use the
+        averaged weights (less run-to-run variance). 0 disables.
     """
 
     objective: str = "dae"
@@ -89,6 +103,10 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float = 0.0
     amp: str = "auto"
+    local_prob: float = 0.0
+    local_kinds: tuple[str, ...] = LOCAL_KINDS
+    local_radius: tuple[float, float] = (0.05, 0.18)
+    ema: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -98,7 +116,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         """Inverse of :meth:`to_dict`."""
         d = dict(d)
-        for k in ("noise_res", "scale", "intensity_jitter"):
+        for k in ("noise_res", "scale", "intensity_jitter", "local_kinds", "local_radius"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -192,7 +210,7 @@ def build_slices(volumes: list[Volume], pcfg: PreprocessConfig, min_fg_fraction:
 
 
 def corrupt(x: torch.Tensor, fg: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    """Add coarse noise inside the foreground (same field on every channel).
+    """The denoising objective's corruption: coarse noise, then local corruptions.
 
     Parameters
     ----------
@@ -201,7 +219,7 @@ def corrupt(x: torch.Tensor, fg: torch.Tensor, cfg: TrainConfig, gen: torch.Gene
     fg:
         ``(N, H, W)`` foreground.
     cfg:
-        Uses ``noise_res`` and ``noise_std``.
+        Uses ``noise_res``, ``noise_std`` and the ``local_*`` settings.
     gen:
         Random generator.
 
@@ -210,21 +228,10 @@ def corrupt(x: torch.Tensor, fg: torch.Tensor, cfg: TrainConfig, gen: torch.Gene
     torch.Tensor
         Corrupted copy of ``x``.
     """
-    n, _, h, w = x.shape
-    out = torch.zeros((n, 1, h, w), dtype=x.dtype)
-    choice = torch.randint(len(cfg.noise_res), (n,), generator=gen)
-    for k, res in enumerate(cfg.noise_res):
-        sel = (choice == k).nonzero().flatten()
-        if len(sel) == 0:
-            continue
-        cell_h, cell_w = math.ceil(h / res), math.ceil(w / res)
-        grid = torch.randn((len(sel), 1, res + 1, res + 1), generator=gen) * cfg.noise_std
-        up = F.interpolate(grid, size=(h + cell_h, w + cell_w), mode="bilinear", align_corners=False)
-        for j, i in enumerate(sel.tolist()):
-            dy = int(torch.randint(cell_h, (1,), generator=gen))
-            dx = int(torch.randint(cell_w, (1,), generator=gen))
-            out[i] = up[j, :, dy:dy + h, dx:dx + w]
-    return x + out * fg[:, None].to(x.dtype)
+    out = coarse_noise(x, fg, cfg.noise_res, cfg.noise_std, gen)
+    if cfg.local_prob > 0:
+        out = local_corruption(out, fg, gen, prob=cfg.local_prob, kinds=cfg.local_kinds, radius=cfg.local_radius)
+    return out
 
 
 def _augment(x: torch.Tensor, fg: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,6 +265,16 @@ def _loss(model: UNet, inp: torch.Tensor, target: torch.Tensor, device: torch.de
     if kind == "l1":
         return F.l1_loss(out.float(), target.to(device))
     return F.mse_loss(out.float(), target.to(device))
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * model`` for float tensors; buffers copied."""
+    with torch.no_grad():
+        for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.mul_(decay).add_(m.detach(), alpha=1.0 - decay)
+            else:
+                e.copy_(m)
 
 
 def _lr_lambda(cfg: TrainConfig, total: int, clock: dict[str, float]) -> Callable[[int], float]:
@@ -342,6 +359,11 @@ def train(
         raise ValueError(f"unknown objective {cfg.objective!r} (dae, ae)")
     if cfg.loss not in ("mse", "l1"):
         raise ValueError(f"unknown loss {cfg.loss!r} (mse, l1)")
+    unknown = sorted(set(cfg.local_kinds) - set(LOCAL_KINDS))
+    if unknown or not 0.0 <= cfg.local_prob <= 1.0:
+        raise ValueError(f"invalid local corruption settings (kinds {unknown}, prob {cfg.local_prob})")
+    if not 0.0 <= cfg.ema < 1.0:
+        raise ValueError(f"ema must be in [0, 1), got {cfg.ema}")
     dev = select_device(device)
     dtype = amp_dtype(dev, cfg.amp)
     torch.manual_seed(cfg.seed)
@@ -351,6 +373,7 @@ def train(
     clock: dict[str, float] = {"before": 0.0}
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total, clock))
     gen = torch.Generator().manual_seed(cfg.seed)
+    ema = copy.deepcopy(model) if cfg.ema > 0 else model
     res = TrainResult(model=model)
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     start_epoch, stale, elapsed_before = 0, 0, 0.0
@@ -359,6 +382,8 @@ def train(
         if json.loads(st["config"]) != {"unet": ucfg.to_dict(), "train": json.loads(json.dumps(cfg.to_dict()))}:
             raise ValueError("training state was written with a different configuration; refusing to resume")
         model.load_state_dict(st["model"])
+        if cfg.ema > 0:
+            ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         gen.set_state(st["generator"])
@@ -386,15 +411,17 @@ def train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
+            if cfg.ema > 0:
+                _ema_update(ema, model, cfg.ema)
             lv = loss.detach().item()
             run = 0.9 * run + 0.1 * lv if step else lv
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{run:.5f}", lr=f"{sched.get_last_lr()[0]:.1e}", refresh=False)
-        val = validate(model, val_data, cfg, dev)
+        val = validate(ema, val_data, cfg, dev)
         res.history.append({"epoch": epoch + 1, "train_loss": run, "val_loss": val})
         if val < res.best_val_loss:
             res.best_val_loss, stale = val, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
         else:
             stale += 1
         res.epochs_run = epoch + 1
@@ -407,6 +434,8 @@ def train(
                 "history": json.dumps(res.history), "best_val_loss": res.best_val_loss, "seconds": seconds,
                 "config": json.dumps({"unet": ucfg.to_dict(), "train": cfg.to_dict()}),
             }
+            if cfg.ema > 0:
+                st["ema"] = ema.state_dict()
             tmp = state_path.with_name(state_path.name + ".tmp")
             torch.save(st, tmp)
             os.replace(tmp, state_path)
