@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -202,26 +203,32 @@ def write_outputs(
     for stale in directory.glob("*.dcm"):
         if stale.name not in names:
             stale.unlink()
-    written: list[WrittenOutput] = []
-    for o in outputs:
-        path = directory / o.filename
-        tmp = directory / f".{o.filename}.tmp"
-        o.dataset.save_as(tmp, enforce_file_format=True)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        if validate:
-            report = validate_file(
-                path,
-                o,
-                use_dciodvfy=settings.dciodvfy,
-                dciodvfy_path=settings.dciodvfy_path,
-                require_dciodvfy=settings.require_dciodvfy,
-                timeout=settings.dciodvfy_timeout,
-            )
-        else:
-            report = ValidationReport(kind=o.kind, filename=o.filename, reread="skipped")
-        written.append(WrittenOutput(o, path, path.stat().st_size, _sha256(path), report))
+    def check(path: Path, o: BuiltOutput) -> ValidationReport:
+        if not validate:
+            return ValidationReport(kind=o.kind, filename=o.filename, reread="skipped")
+        return validate_file(
+            path,
+            o,
+            use_dciodvfy=settings.dciodvfy,
+            dciodvfy_path=settings.dciodvfy_path,
+            require_dciodvfy=settings.require_dciodvfy,
+            timeout=settings.dciodvfy_timeout,
+        )
+
+    # Each file is validated (re-read + dciodvfy, a subprocess) in a thread
+    # while the next one is written; results are collected in order, so the
+    # first failing output is the one reported.
+    pending: list[tuple[BuiltOutput, Path, Future[ValidationReport]]] = []
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="validate") as pool:
+        for o in outputs:
+            path = directory / o.filename
+            tmp = directory / f".{o.filename}.tmp"
+            o.dataset.save_as(tmp, enforce_file_format=True)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            pending.append((o, path, pool.submit(check, path, o)))
+        written = [WrittenOutput(o, path, path.stat().st_size, _sha256(path), fut.result()) for o, path, fut in pending]
     return written
 
 
