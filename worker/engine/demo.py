@@ -42,9 +42,10 @@ class DemoConfig:
     n_select: int = 10
     unet: UNetConfig = field(default_factory=UNetConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=16, steps_per_epoch=100, max_minutes=8.0,
-                                                                   noise_res=(8, 16, 32)))
+                                                                   noise_res=(8, 16, 32), noise_std=0.12,
+                                                                   local_prob=0.5))
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    scoring: ScoringConfig = field(default_factory=lambda: ScoringConfig(smooth_sigma=0.0))
 
 
 def demo_config(fast: bool = False) -> DemoConfig:
@@ -52,7 +53,7 @@ def demo_config(fast: bool = False) -> DemoConfig:
     cfg = DemoConfig()
     if fast:
         cfg.n_train, cfg.n_val, cfg.n_calib, cfg.n_select = 12, 3, 4, 4
-        cfg.train = TrainConfig(epochs=3, steps_per_epoch=40, noise_res=(8, 16, 32))
+        cfg.train = TrainConfig(epochs=3, steps_per_epoch=40, noise_res=(8, 16, 32), noise_std=0.12, local_prob=0.5)
     return cfg
 
 

@@ -9,7 +9,7 @@ Keys (TOML ``[engine]`` table, all optional)::
     amp          = "auto"        # bf16 autocast: "auto" (CUDA / native-bf16 CPUs, checked vs fp32), "on", "off"
     ct_window    = [40.0, 80.0]  # CT [level, width] HU window used when training on CT
     mr_method    = "percentile"  # MR normalisation for training: "percentile" or "zscore"
-    target_fpr   = 0.001         # voxel false-positive rate on normals for calibration
+    target_fpr   = 0.0005        # voxel false-positive rate on normals for calibration (99.95th percentile)
     scoring      = ""            # force a scoring method at calibration ("residual", "ssim", "combined"); "" keeps the checkpoint's
     progress     = true          # tqdm progress bars in train/calibrate/evaluate
 """
@@ -36,7 +36,7 @@ class EngineSettings(BaseModel):
     amp: Literal["auto", "on", "off"] = "auto"
     ct_window: tuple[float, float] = (40.0, 80.0)
     mr_method: Literal["percentile", "zscore"] = "percentile"
-    target_fpr: float = Field(default=0.001, gt=0.0, lt=0.5)
+    target_fpr: float = Field(default=0.0005, gt=0.0, lt=0.5)
     scoring: Literal["", "residual", "ssim", "combined"] = ""
     progress: bool = True
 
