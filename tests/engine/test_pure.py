@@ -221,3 +221,44 @@ def test_combined_with_pixel_zscore_keys() -> None:
         "residual", "pixel_zscore:bright"]
     with pytest.raises(ValueError):
         ScoringConfig.from_dict({"method": "combined", "combine_with": "nope"})
+
+
+def _clean_mask_full_volume(mask: np.ndarray, spacing: tuple[float, float, float], min_mm3: float) -> np.ndarray:
+    """Reference: the same operations on the whole volume (no bounding-box crop)."""
+    from scipy import ndimage as ndi
+
+    st = ndi.generate_binary_structure(2, 1)[None]
+    m = ndi.binary_closing(np.pad(mask, 1), structure=st)[1:-1, 1:-1, 1:-1] | mask
+    m = ndi.binary_fill_holes(m)
+    lab, n = ndi.label(m, structure=np.ones((3, 3, 3), bool))
+    counts = np.bincount(lab.ravel())
+    counts[0] = 0
+    keep = counts * float(np.prod(spacing)) >= min_mm3
+    keep[0] = False
+    return keep[lab]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_clean_mask_crop_matches_full_volume(seed: int) -> None:
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    m = ndi.gaussian_filter(rng.random((12, 40, 48)), 1.5) > 0.55 - 0.01 * seed
+    if seed % 2:
+        m[:, :, 0] |= rng.random((12, 40)) > 0.5  # touches the volume border
+    m[5, 10:20, 10:20] = True
+    m[5, 13:16, 13:16] = False  # an enclosed hole
+    labels, n = clean_mask(m, (2.0, 1.0, 1.0), 20.0)
+    assert np.array_equal(labels > 0, _clean_mask_full_volume(m, (2.0, 1.0, 1.0), 20.0))
+    sizes = np.bincount(labels.ravel())[1:]
+    assert len(sizes) == n and np.all(np.diff(sizes) <= 0)
+    assert clean_mask(np.zeros((3, 4, 5), bool), (1.0, 1.0, 1.0), 0.0)[1] == 0
+
+
+def test_study_score_uses_the_top_voxels_even_when_few_are_positive() -> None:
+    s = np.zeros((4, 8, 8), np.float32)
+    s[0, 0, :3] = [4.0, 2.0, 3.0]
+    assert study_score(s, 1.0, 2) == pytest.approx(3.5)
+    assert study_score(s, 2.0, 5) == pytest.approx(9.0 / 5 / 2)  # pads with zeros
+    neg = -np.ones((2, 2, 2), np.float32)
+    assert study_score(neg, 1.0, 3) == pytest.approx(-1.0)

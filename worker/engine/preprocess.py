@@ -28,6 +28,7 @@ __all__ = [
     "foreground_mask",
     "normalize",
     "erode_mm",
+    "model_spacing",
     "to_model_grid",
     "from_model_grid",
     "preprocess",
@@ -229,6 +230,12 @@ def _model_geometry(vol: Volume, size: tuple[int, int]) -> tuple[tuple[float, ..
     shift = np.array([(nsx - sx) / 2.0, (nsy - sy) / 2.0, 0.0])
     origin = np.asarray(vol.origin) + vol.direction @ shift
     return (nsx, nsy, sz), tuple(float(o) for o in origin)
+
+
+def model_spacing(vol: Volume, size: tuple[int, int]) -> tuple[float, float, float]:
+    """Voxel size ``(z, y, x)`` in mm of ``vol`` resampled in-plane to ``size`` (the model grid)."""
+    (sx, sy, sz), _ = _model_geometry(vol, size)
+    return (float(sz), float(sy), float(sx))
 
 
 def _resample(img: "object", spacing: tuple[float, ...], origin: tuple[float, ...], size: tuple[int, int, int],
