@@ -44,3 +44,17 @@ def test_most_anomalies_defeat_intensity_thresholding() -> None:
     assert len(kinds) >= 4
     assert sum(not a.intensity_detectable for a in anomalies) >= 0.5 * len(anomalies)
     assert all(c.mask.any() for c in cases)
+
+
+def test_per_anomaly_voxels_make_up_the_case_mask() -> None:
+    import numpy as np
+
+    from worker.engine.synthetic import make_case
+
+    for seed in range(1_000_000, 1_000_006):
+        c = make_case(seed)
+        union = np.zeros(c.mask.size, bool)
+        for a in c.anomalies:
+            assert len(a.voxels) == a.voxel_count
+            union[a.voxels] = True
+        assert np.array_equal(union.reshape(c.mask.shape), c.mask)

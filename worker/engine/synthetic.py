@@ -49,13 +49,15 @@ ANOMALY_KINDS: dict[str, float] = {
 
 @dataclass
 class Anomaly:
-    """One injected anomaly."""
+    """One injected anomaly (``voxels``: its own ground-truth voxels; the case mask is their union)."""
 
     kind: str
     center_zyx: tuple[int, int, int]
     voxel_count: int
     contrast: float
     intensity_detectable: bool
+    voxels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+    """Flat (C-order) indices of this anomaly's ground-truth voxels in the volume."""
 
 
 @dataclass
@@ -305,6 +307,7 @@ def inject_anomalies(
                 voxel_count=cnt,
                 contrast=float(c),
                 intensity_detectable=bool(cnt and kind in ("bright", "dark") and not lo <= lesion_mean <= hi),
+                voxels=np.flatnonzero(changed),
             )
         )
     return out.astype(np.float32), gt, found
