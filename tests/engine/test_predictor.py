@@ -70,3 +70,23 @@ def test_predict_is_deterministic(tiny_ckpt: Path) -> None:
     a, b = p.predict(vol), p.predict(vol)
     np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
     np.testing.assert_array_equal(a.mask, b.mask)
+
+
+def test_context_neighbours_are_taken_at_the_training_distance(tiny_ckpt: Path) -> None:
+    """Training stores the slice spacing; a thinner series is stacked with the same physical gap."""
+    p = Predictor.from_checkpoint(tiny_ckpt, device="cpu")
+    assert p.preprocess_cfg.context_mm == 8.0  # tiny_checkpoint trains on 8 mm slices
+    seen: list[np.ndarray] = []
+
+    def capture(stack: np.ndarray) -> np.ndarray:
+        seen.append(stack)
+        return stack[:, stack.shape[1] // 2]
+
+    p.reconstruct = capture  # type: ignore[method-assign]
+    vol = make_case(3, anomalous=False, shape=(24, 32, 32), spacing=(2.0, 6.0, 6.0)).volume
+    comp = p.components(vol)
+    img = comp.pre.image
+    stack = seen[0]
+    np.testing.assert_array_equal(stack[10, 0], img[6])  # 8 mm / 2 mm = every 4th slice
+    np.testing.assert_array_equal(stack[10, 2], img[14])
+    np.testing.assert_array_equal(stack[1, 0], img[0])  # edges replicate

@@ -262,3 +262,18 @@ def test_study_score_uses_the_top_voxels_even_when_few_are_positive() -> None:
     assert study_score(s, 2.0, 5) == pytest.approx(9.0 / 5 / 2)  # pads with zeros
     neg = -np.ones((2, 2, 2), np.float32)
     assert study_score(neg, 1.0, 3) == pytest.approx(-1.0)
+
+
+def test_context_stride_and_strided_stack() -> None:
+    from worker.engine.preprocess import context_stride
+
+    assert context_stride(1.0, 4.0) == 4 and context_stride(4.0, 4.0) == 1 and context_stride(6.0, 4.0) == 1
+    assert context_stride(1.5, 4.0) == 3 and context_stride(2.0, None) == 1
+    with pytest.raises(ValueError):
+        context_stride(0.0, 4.0)
+    img = np.arange(10, dtype=np.float32)[:, None, None] * np.ones((1, 2, 2), np.float32)
+    st = context_stack(img, 1, 3)
+    assert st.shape == (10, 3, 2, 2)
+    assert st[5, :, 0, 0].tolist() == [2.0, 5.0, 8.0] and st[1, :, 0, 0].tolist() == [0.0, 1.0, 4.0]
+    with pytest.raises(ValueError):
+        context_stack(img, 1, 0)

@@ -116,6 +116,10 @@ def fit(
     if not train_volumes or not val_volumes or not calib_volumes:
         raise ValueError("training, validation and calibration sets must all be non-empty")
     ucfg = replace(ucfg, in_channels=2 * pcfg.context + 1)
+    if pcfg.context and pcfg.context_mm is None:
+        # The 2.5D neighbours are defined in mm: the training data's typical
+        # slice spacing, so thinner series are sampled at the same distance.
+        pcfg = replace(pcfg, context_mm=float(np.median([v.spacing[0] for v in train_volumes])))
     tr = build_slices(train_volumes, pcfg, tcfg.min_fg_fraction)
     va = build_slices(val_volumes, pcfg, tcfg.min_fg_fraction)
     log.info("training on %d slices from %d volumes (%d validation slices)", len(tr.x), len(train_volumes), len(va.x))

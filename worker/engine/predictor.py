@@ -20,6 +20,7 @@ from .preprocess import (
     PreprocessConfig,
     Preprocessed,
     context_stack,
+    context_stride,
     erode_mm,
     from_model_grid,
     model_spacing,
@@ -231,7 +232,8 @@ class Predictor:
         t1 = time.perf_counter()
         model_maps: dict[str, np.ndarray] = {}
         if any(k in ("residual", "ssim") for k in keys):
-            recon = self.reconstruct(context_stack(pre.image, pcfg.context))
+            stride = context_stride(volume.spacing[0], pcfg.context_mm)
+            recon = self.reconstruct(context_stack(pre.image, pcfg.context, stride))
             recon = np.where(pre.fg, recon, 0.0).astype(np.float32)
         t2 = time.perf_counter()
         for k in keys:

@@ -33,6 +33,7 @@ __all__ = [
     "from_model_grid",
     "preprocess",
     "context_stack",
+    "context_stride",
 ]
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,13 @@ class PreprocessConfig:
     context:
         Neighbouring slices on each side fed as channels (0 = 2D, 1 = 2.5D
         with three channels ...).
+    context_mm:
+        Distance in mm between the slices stacked as channels, i.e. the
+        slice spacing of the training data (set by training). A series with
+        thinner slices takes every ``round(context_mm / spacing)``-th
+        neighbour, so the network sees the anatomy at the distance it was
+        trained on. ``None`` (checkpoints from before this setting): adjacent
+        slices.
     ct_window:
         CT ``(level, width)`` in HU, mapped to 0..1.
     mr_method:
@@ -69,6 +77,7 @@ class PreprocessConfig:
 
     size: tuple[int, int] = (64, 64)
     context: int = 1
+    context_mm: float | None = None
     ct_window: tuple[float, float] = (40.0, 80.0)
     mr_method: str = "percentile"
     mr_percentiles: tuple[float, float] = (1.0, 90.0)
@@ -324,7 +333,22 @@ def preprocess(vol: Volume, cfg: PreprocessConfig) -> Preprocessed:
     return Preprocessed(image=img, fg=fgm, fg_source=fg)
 
 
-def context_stack(image: np.ndarray, context: int) -> np.ndarray:
+def context_stride(slice_spacing: float, context_mm: float | None) -> int:
+    """Slices between stacked neighbours: ``round(context_mm / slice_spacing)``, at least 1.
+
+    Raises
+    ------
+    ValueError
+        For a non-positive slice spacing.
+    """
+    if slice_spacing <= 0:
+        raise ValueError(f"slice spacing must be positive, got {slice_spacing}")
+    if not context_mm:
+        return 1
+    return max(1, int(round(context_mm / slice_spacing)))
+
+
+def context_stack(image: np.ndarray, context: int, stride: int = 1) -> np.ndarray:
     """Stack each slice with its ``context`` neighbours as channels.
 
     Parameters
@@ -333,12 +357,21 @@ def context_stack(image: np.ndarray, context: int) -> np.ndarray:
         ``(z, H, W)`` array.
     context:
         Neighbours on each side; edges replicate the end slices.
+    stride:
+        Slices between neighbours (see :func:`context_stride`).
 
     Returns
     -------
     numpy.ndarray
         ``(z, 2*context+1, H, W)`` array (view-free copy).
+
+    Raises
+    ------
+    ValueError
+        For a stride below 1.
     """
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
     z = image.shape[0]
-    idx = np.clip(np.arange(z)[:, None] + np.arange(-context, context + 1)[None, :], 0, z - 1)
+    idx = np.clip(np.arange(z)[:, None] + stride * np.arange(-context, context + 1)[None, :], 0, z - 1)
     return image[idx]

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from .corruption import LOCAL_KINDS, coarse_noise, local_corruption
 from .model import UNet, UNetConfig
-from .preprocess import PreprocessConfig, context_stack, preprocess
+from .preprocess import PreprocessConfig, context_stack, context_stride, preprocess
 from .volume import Volume
 
 __all__ = ["TrainConfig", "TrainResult", "SliceData", "build_slices", "corrupt", "train", "select_device",
@@ -200,7 +200,7 @@ def build_slices(volumes: list[Volume], pcfg: PreprocessConfig, min_fg_fraction:
     xs, fgs = [], []
     for vol in volumes:
         pp = preprocess(vol, pcfg)
-        stack = context_stack(pp.image, pcfg.context)
+        stack = context_stack(pp.image, pcfg.context, context_stride(vol.spacing[0], pcfg.context_mm))
         keep = pp.fg.mean(axis=(1, 2)) >= min_fg_fraction
         xs.append(stack[keep])
         fgs.append(pp.fg[keep])
