@@ -277,3 +277,44 @@ def test_context_stride_and_strided_stack() -> None:
     assert st[5, :, 0, 0].tolist() == [2.0, 5.0, 8.0] and st[1, :, 0, 0].tolist() == [0.0, 1.0, 4.0]
     with pytest.raises(ValueError):
         context_stack(img, 1, 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fill_holes_2d_matches_scipy_per_slice(seed: int) -> None:
+    from scipy import ndimage as ndi
+
+    from worker.engine.preprocess import fill_holes_2d
+
+    rng = np.random.default_rng(seed)
+    m = ndi.gaussian_filter(rng.random((6, 30, 34)), 1.2) > 0.5
+    m[2, 5:15, 5:15] = True
+    m[2, 8:11, 8:11] = False  # a hole
+    m[3, 0:10, 0:10] = True
+    m[3, 0:4, 0:4] = False  # touches the border: not a hole
+    expected = np.stack([ndi.binary_fill_holes(s) for s in m])
+    assert np.array_equal(fill_holes_2d(m), expected)
+    assert fill_holes_2d(np.ones((2, 3, 3), bool)).all()
+
+
+def test_from_model_grid_single_pass_equals_linear_with_nearest_edges() -> None:
+    """The padded single resampling gives what linear + nearest-neighbour edge filling gave."""
+    import SimpleITK as sitk
+
+    from worker.engine.preprocess import _model_geometry, _resample, from_model_grid
+
+    rng = np.random.default_rng(3)
+    for shape, spacing in (((5, 40, 30), (4.0, 1.1, 0.9)), ((3, 50, 50), (2.0, 0.7, 0.7))):
+        vol = Volume(np.zeros(shape, np.float32), spacing, (-10.0, 4.0, 30.0), np.eye(3), "MR", {})
+        a = np.deg2rad(20.0)
+        vol.direction = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+        arr = (rng.random((shape[0], 16, 16)) + 0.1).astype(np.float32)
+        sp, org = _model_geometry(vol, (16, 16))
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing(sp)
+        img.SetOrigin(org)
+        img.SetDirection(tuple(vol.direction.reshape(-1)))
+        args = (tuple(vol.spacing[::-1]), vol.origin, vol.shape[::-1], tuple(vol.direction.reshape(-1)))
+        ref = _resample(img, *args, True)
+        near = _resample(img, *args, False)
+        ref[ref == 0] = near[ref == 0]
+        np.testing.assert_allclose(from_model_grid(vol, arr), ref, atol=1e-5)
