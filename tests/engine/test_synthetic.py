@@ -58,3 +58,28 @@ def test_per_anomaly_voxels_make_up_the_case_mask() -> None:
             assert len(a.voxels) == a.voxel_count
             union[a.voxels] = True
         assert np.array_equal(union.reshape(c.mask.shape), c.mask)
+
+
+def test_anomaly_masks_split_the_case_mask() -> None:
+    for seed in range(1_000_000, 1_000_008):
+        c = make_case(seed)
+        masks = c.anomaly_masks()
+        assert len(masks) == len(c.anomalies)
+        union = np.zeros(c.mask.shape, bool)
+        for a, m in zip(c.anomalies, masks):
+            assert m.shape == c.mask.shape and m.dtype == bool and int(m.sum()) == a.voxel_count
+            union |= m
+        assert np.array_equal(union, c.mask)
+    assert make_case(1_500_000, anomalous=False).anomaly_masks() == []
+
+
+def test_held_out_test_set_is_unchanged() -> None:
+    """The published quality figures are measured on these volumes: the generator must keep its draws."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for seed, anomalous in ((1_000_000, True), (1_000_001, True), (1_000_002, True), (1_500_000, False)):
+        c = make_case(seed, anomalous=anomalous)
+        h.update(c.volume.array.tobytes())
+        h.update(c.mask.tobytes())
+    assert h.hexdigest() == "8ef7b5fa668f385b87aeee0e88c2bc18c539c47f9a45657c1a34cc5b402f3ec7"

@@ -9,7 +9,7 @@ it); the study-level AUROC uses normal and abnormal studies.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,61 @@ from .predictor import Predictor
 from .scoring import component_keys, fuse
 from .volume import Volume
 
-__all__ = ["evaluate", "BASELINE_NAMES"]
+__all__ = ["evaluate", "EvalOutputs", "BASELINE_NAMES"]
 
 log = logging.getLogger(__name__)
 
 BASELINE_NAMES = ("intensity", "pixel_zscore")
+
+
+@dataclass
+class EvalOutputs:
+    """Per-study outputs of :func:`evaluate`, filled in place when passed as ``outputs=``.
+
+    Method keys are those of the evaluation: ``"unet"`` (the checkpoint's
+    scoring method), ``"unet:<method>"`` (every calibrated U-Net method when
+    ``compare_methods``) and ``"<baseline>:<polarity>"`` (every baseline
+    variant, e.g. ``"pixel_zscore:both"``). Lists are indexed like the
+    ``cases`` given to :func:`evaluate`.
+
+    Attributes
+    ----------
+    thresholds:
+        Calibrated threshold of each method key.
+    regions:
+        Per study, the evaluated voxels on the volume grid (head foreground
+        plus any ground-truth voxel).
+    truth:
+        Per study, the ground truth of the evaluated voxels (``mask[region]``).
+    scores:
+        Per method key and study, the raw scores of the evaluated voxels
+        (same order as ``truth``); the decision before post-processing is
+        ``score >= threshold``.
+    masks:
+        Per method key and study, the post-processed binary prediction on the
+        whole volume grid (what the voxel metrics count inside ``regions``).
+    study_scores:
+        Per method key and study, the study-level score.
+    """
+
+    thresholds: dict[str, float] = field(default_factory=dict)
+    regions: list[np.ndarray] = field(default_factory=list)
+    truth: list[np.ndarray] = field(default_factory=list)
+    scores: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    masks: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    study_scores: dict[str, list[float]] = field(default_factory=dict)
+
+    def pooled(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and truth of method ``key`` over all studies (the voxels behind AUROC / AUPRC).
+
+        Raises
+        ------
+        KeyError
+            For a method key that was not evaluated.
+        """
+        if key not in self.scores:
+            raise KeyError(f"no outputs for method {key!r}; have {sorted(self.scores)}")
+        return np.concatenate(self.scores[key]), np.concatenate(self.truth)
 
 
 def _summary(scores: list[np.ndarray], truth: list[np.ndarray], preds: list[np.ndarray],
@@ -49,6 +99,7 @@ def evaluate(
     *,
     plots_dir: Path | None = None,
     compare_methods: bool = True,
+    outputs: EvalOutputs | None = None,
 ) -> dict[str, Any]:
     """Evaluate on studies with ground-truth masks.
 
@@ -63,6 +114,10 @@ def evaluate(
         When given, ROC and PR curves and overlay PNGs are written there.
     compare_methods:
         Also report every calibrated U-Net scoring method under ``methods``.
+    outputs:
+        When given, cleared and filled with every method's per-study scores,
+        truth and post-processed masks (see :class:`EvalOutputs`); the
+        returned dictionary is the same with or without it.
 
     Returns
     -------
@@ -90,6 +145,12 @@ def evaluate(
         methods[k] = (replace(predictor.scoring, method=name, polarity=pol), float(thr))
     keys: list[str] = list(dict.fromkeys(k for cfg, _ in methods.values() for k in component_keys(cfg)))
     acc: dict[str, dict[str, list[Any]]] = {m: {"s": [], "t": [], "p": [], "study": []} for m in methods}
+    if outputs is not None:
+        outputs.thresholds = {m: thr for m, (_, thr) in methods.items()}
+        outputs.regions, outputs.truth = [], []
+        outputs.scores = {m: acc[m]["s"] for m in methods}
+        outputs.masks = {m: [] for m in methods}
+        outputs.study_scores = {m: acc[m]["study"] for m in methods}
     study_truth: list[bool] = []
     overlays: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     for vol, gt in cases:
@@ -99,6 +160,9 @@ def evaluate(
         comp = predictor.components(vol, keys)
         region = comp.pre.fg_source | gt
         study_truth.append(bool(gt.any()))
+        if outputs is not None:
+            outputs.regions.append(region)
+            outputs.truth.append(gt[region])
         for m, (cfg, thr) in methods.items():
             score = fuse(comp.maps, cfg)
             mask, amap, _, sscore = predictor.finalize(vol, score, thr)
@@ -107,6 +171,8 @@ def evaluate(
             a["t"].append(gt[region])
             a["p"].append(mask[region])
             a["study"].append(sscore)
+            if outputs is not None:
+                outputs.masks[m].append(mask)
             if m == "unet" and plots_dir is not None and gt.any() and len(overlays) < 4:
                 overlays.append((comp.pre.fg_source * vol.array, gt, mask, amap))
     results = {m: _summary(a["s"], a["t"], a["p"], a["study"], study_truth, methods[m][1]) for m, a in acc.items()}

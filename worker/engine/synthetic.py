@@ -69,6 +69,31 @@ class SyntheticCase:
     anomalies: list[Anomaly] = field(default_factory=list)
     seed: int = 0
 
+    def anomaly_masks(self) -> list[np.ndarray]:
+        """One boolean mask per anomaly (same order as ``anomalies``), on the volume grid.
+
+        Built from each anomaly's ``voxels``; their union is ``mask``. Two
+        anomalies may share voxels (a later one injected over an earlier one).
+
+        Returns
+        -------
+        list of numpy.ndarray
+            Boolean arrays of the volume's shape.
+
+        Raises
+        ------
+        ValueError
+            When an anomaly's voxel indices fall outside the volume.
+        """
+        out = []
+        for a in self.anomalies:
+            if len(a.voxels) and (int(a.voxels.min()) < 0 or int(a.voxels.max()) >= self.mask.size):
+                raise ValueError(f"anomaly {a.kind} at {a.center_zyx} has voxel indices outside the volume")
+            m = np.zeros(self.mask.size, bool)
+            m[a.voxels] = True
+            out.append(m.reshape(self.mask.shape))
+        return out
+
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], coarse: int) -> np.ndarray:
     """Zero-mean, unit-peak-ish smooth random field by cubic upsampling a coarse grid."""
