@@ -47,7 +47,7 @@ def micro(n: int) -> dict[str, float]:
             m = parse_meta(d)
             t["parse_meta"].append(time.perf_counter() - a)
             a = time.perf_counter()
-            encode_part10(d[144 + meta_len:], m, implementation_aet="BENCH")
+            encode_part10(d[144 + meta_len:], m, source_aet="BENCH")
             t["encode_part10"].append(time.perf_counter() - a)
             a = time.perf_counter()
             ing._lookup(m.sop_uid)

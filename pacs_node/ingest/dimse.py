@@ -1,10 +1,12 @@
 """DIMSE front end: a pynetdicom C-ECHO / C-STORE service class provider.
 
 Handlers are small functions in the style of pynetdicom's ``storescp`` app:
-the C-STORE handler encodes what the peer sent (bytes as received, whatever
-the transfer syntax), hands them to the :class:`~pacs_node.ingest.recorder.Ingestor`
-and answers 0x0000 only once the file and its row are durable. Every failure
-gets a specific status with an Error Comment, and the association stays up.
+the C-STORE handler parses the header of what the peer sent (in the
+negotiated transfer syntax), puts the data set's bytes, as received, behind
+a File Meta group the node writes (:mod:`pacs_node.ingest.part10`), hands
+them to the :class:`~pacs_node.ingest.recorder.Ingestor` and answers
+0x0000 only once the file and its row are durable. Every failure gets a
+specific status with an Error Comment, and the association stays up.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_node.config import DicomSettings
-from pacs_node.ingest.recorder import IngestError, Ingestor, Status, parse_meta
+from pacs_node.ingest.recorder import IngestError, Ingestor, Status, encode_part10, parse_meta
 
 __all__ = ["SEGMENTATION_LABELMAP", "DimseServer", "handle_echo", "handle_store", "storage_sop_classes"]
 
@@ -72,8 +74,10 @@ def handle_store(event: evt.Event, ingestor: Ingestor) -> Dataset:
     """
     calling = event.assoc.requestor.ae_title
     try:
-        data = event.encoded_dataset(include_meta=True)
-        meta = parse_meta(data)
+        # The data set as received, parsed in the negotiated transfer syntax
+        # and stored behind a File Meta group the node writes itself.
+        dataset = event.encoded_dataset(include_meta=False)
+        meta = parse_meta(dataset, transfer_syntax_uid=str(event.context.transfer_syntax))
         req = cast(C_STORE, event.request)
         if str(req.AffectedSOPInstanceUID) != meta.sop_uid:
             raise IngestError(Status.UID_MISMATCH, "SOP Instance UID differs from the C-STORE request")
@@ -81,6 +85,8 @@ def handle_store(event: evt.Event, ingestor: Ingestor) -> Dataset:
             raise IngestError(
                 Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the C-STORE request"
             )
+        aet = calling if calling.isascii() and len(calling) <= 16 else None
+        data = encode_part10(dataset, meta, source_aet=aet)
         outcome = ingestor.ingest(data, meta, source="dimse", calling_aet=calling)
     except IngestError as exc:
         logger.warning("C-STORE from %s refused: 0x%04X %s", _peer(event), exc.status, exc.comment)

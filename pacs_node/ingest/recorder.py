@@ -17,7 +17,6 @@ from typing import Any, cast
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filewriter import write_file_meta_info
 from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -25,6 +24,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from pacs_node.db.models import Instance, Output, Series, Study, utcnow
 from pacs_node.db.session import Database, GroupCommit
+from pacs_node.ingest.part10 import PREAMBLE, file_meta_bytes
 from pacs_node.ingest.storage import InstanceStore, StorageFullError
 from pacs_node.ingest.uids import InvalidUIDError, check_uid
 
@@ -208,23 +208,21 @@ def _read_bare(data: bytes, ts: str) -> Dataset:
     return ds
 
 
-def encode_part10(dataset_bytes: bytes, meta: InstanceMeta, *, implementation_aet: str) -> bytes:
-    """Prefix a bare data set with preamble and File Meta Information."""
-    fm = FileMetaDataset()
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
+def encode_part10(dataset_bytes: bytes, meta: InstanceMeta, *, source_aet: str | None = None) -> bytes:
+    """Prefix a bare data set with preamble and File Meta Information.
 
-    fm.MediaStorageSOPClassUID = UID(meta.sop_class_uid)
-    fm.MediaStorageSOPInstanceUID = UID(meta.sop_uid)
-    fm.TransferSyntaxUID = UID(meta.transfer_syntax_uid)
-
-    fm.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    fm.SourceApplicationEntityTitle = implementation_aet
-    buf = DicomBytesIO()
-    buf.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buf, fm, enforce_standard=True)
-    buf.write(dataset_bytes)
-    return buf.getvalue()
+    Raises
+    ------
+    InvalidUIDError
+        When a UID of ``meta`` does not follow the UID grammar.
+    """
+    fm = file_meta_bytes(
+        sop_class_uid=meta.sop_class_uid,
+        sop_instance_uid=meta.sop_uid,
+        transfer_syntax_uid=meta.transfer_syntax_uid,
+        source_aet=source_aet,
+    )
+    return b"".join((PREAMBLE, fm, dataset_bytes))
 
 
 class Ingestor:
