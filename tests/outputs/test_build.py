@@ -23,7 +23,7 @@ from worker.outputs.settings import OutputSettings
 from worker.outputs.source import SourceSeries
 from worker.outputs.types import AlgorithmInfo, BuiltOutput
 from worker.outputs.uids import derive_uid
-from worker.outputs.validate import OutputValidationError, validate_file
+from worker.outputs.validate import OutputValidationError, validate_file, volumetric_roi_groups
 
 BOXES = [(slice(1, 3), slice(2, 7), slice(3, 9))]
 
@@ -182,3 +182,21 @@ def test_engine_predictor_identity() -> None:
     info = AlgorithmInfo.from_predictor(SimpleNamespace(model_name="m", model_version="v", checksum="c"), 0.5)
     assert info == AlgorithmInfo("m", "v", "c", 0.5)
     assert info.parameters() == {"model_sha256": "c", "threshold": "0.5"}
+
+
+@pytest.mark.parametrize("boxes", [[], BOXES, BOXES + [(slice(5, 7), slice(10, 14), slice(10, 14))]])
+def test_roi_group_count_matches_highdicom(tmp_path: Path, out_settings: OutputSettings,
+                                           boxes: list[tuple[slice, slice, slice]]) -> None:
+    import highdicom as hd
+
+    source = SourceSeries.from_datasets(SOURCES["mr-single"]())
+    built = build_outputs(job_id=1, source=source, prediction=prediction_for(source, boxes),
+                          algorithm=ALGORITHM, settings=out_settings)
+    sr = built[-1]
+    assert sr.kind == "sr"
+    sr.dataset.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    report = hd.sr.srread(tmp_path / "sr.dcm")
+    expected = len(report.content.get_volumetric_roi_measurement_groups())  # type: ignore[attr-defined]
+    assert expected == len(boxes)
+    assert volumetric_roi_groups(report) == expected
+    assert volumetric_roi_groups(pydicom.dcmread(tmp_path / "sr.dcm")) == expected
