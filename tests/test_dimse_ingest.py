@@ -327,3 +327,40 @@ def test_refused_calling_and_called_ae(tmp_path: Path, sqlite_url: str, caplog: 
     finally:
         server.stop()
         node.close()
+
+
+def test_row_commits_only_after_the_file_is_durable(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The durability rule: no row is committed before its file is fsynced."""
+    import threading
+    import time
+
+    from pacs_node.ingest.recorder import parse_meta
+
+    node.store.fsync = True
+    ds = make_instance(study_uid=generate_uid(), series_uid=generate_uid())
+    data = to_bytes(ds)
+    meta = parse_meta(data)
+    in_fsync, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        in_fsync.set()
+        assert release.wait(20)
+        real_fsync(fd)
+
+    monkeypatch.setattr("pacs_node.ingest.storage.os.fsync", slow_fsync)
+    out: dict[str, object] = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", node.ingestor.ingest(data, meta, source="dimse")))
+    t.start()
+    try:
+        assert in_fsync.wait(20)
+        time.sleep(0.5)  # ample time for the row statements; the commit must still wait
+        assert t.is_alive()
+        with node.db.read_connection() as conn:  # a deferred read: takes no write lock
+            assert conn.execute(select(func.count()).select_from(Instance)).scalar_one() == 0
+    finally:
+        release.set()
+        t.join(20)
+    assert getattr(out["r"], "status") == Status.SUCCESS
+    assert _count(node, Instance) == 1
+    assert (node.store.root / getattr(out["r"], "relpath")).read_bytes() == data

@@ -19,7 +19,7 @@ from pacs_node.ingest.part10 import (
 )
 from pacs_node.ingest.recorder import encode_part10, parse_meta
 from pacs_node.ingest.uids import InvalidUIDError, is_valid_uid
-from tests.dicom_factory import make_instance, to_bytes
+from dicom_factory import make_instance, to_bytes
 
 
 def _pydicom(sop_class: str, sop: str, ts: str, aet: str | None) -> bytes:
