@@ -17,7 +17,7 @@ __all__ = ["register"]
 logger = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="run a worker for the gpu/io queues")
     p.add_argument("--config", "-c", metavar="FILE", default=argparse.SUPPRESS, help="TOML configuration file")
     p.add_argument("--queues", "-Q", default="gpu,io", help="comma-separated queues (default: gpu,io)")
