@@ -170,14 +170,14 @@ class NodeServer:
             self.worker.check()
 
     def _loop(self) -> None:
-        interval = self.node.settings.study.scheduler_interval_seconds
         logger.info("service loop running (studies stable after %g s)", self.node.settings.study.stable_seconds)
         while not self._stop.is_set():
             try:
                 self.tick()
             except Exception:  # noqa: BLE001 - keep the loop alive; the database may come back
                 logger.exception("service loop tick failed")
-            self._stop.wait(interval)
+            # scheduler_interval_seconds, or less when a study becomes due sooner
+            self._stop.wait(self.assembler.wait_seconds())
 
     def start_background(self) -> None:
         """Start everything in threads (tests); :meth:`stop` ends them."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from pathlib import Path
 
 from pydicom.uid import generate_uid
 from sqlalchemy import select
@@ -149,3 +150,56 @@ def test_two_schedulers_never_create_the_same_job(node: Node) -> None:
     all_ids = [i for r in results for i in r]
     assert len(all_ids) == 5 and len(set(all_ids)) == 5
     assert len(_jobs(node)) == 5
+
+
+def test_loop_wakes_when_the_earliest_study_becomes_due(node: Node) -> None:
+    clock = FakeClock()
+    settings = StudySettings(stable_seconds=3, scheduler_interval_seconds=1.0, force_complete_seconds=600)
+    asm = StudyAssembler(node.db, settings, clock=clock)
+    assert asm.wait_seconds() == 1.0  # nothing waits: the interval
+    _ingest(node, make_study(1, 2))
+    clock.sync()
+    assert asm.tick() == []
+    with node.db.sessionmaker() as s:
+        (last,) = s.execute(select(Study.last_received_at)).scalars()
+    assert asm.next_due_at == last + dt.timedelta(seconds=3)
+    assert asm.wait_seconds() == 1.0  # due in ~3 s: capped at the interval
+    clock.now = last + dt.timedelta(seconds=2.75)
+    assert abs(asm.wait_seconds() - 0.25) < 1e-6  # wakes when the study becomes due
+    clock.now = last + dt.timedelta(seconds=3)
+    assert asm.wait_seconds() == 0.01  # due now: at once (10 ms floor)
+    assert len(asm.tick()) == 1
+    assert asm.next_due_at is None and asm.wait_seconds() == 1.0
+
+
+def test_serve_claims_a_study_about_stable_seconds_after_its_last_instance(tmp_path: Path, sqlite_url: str) -> None:
+    """Interval 5 s, stable 2 s: the loop's first tick sees the study waiting and
+    wakes again when it becomes due (~2 s), not at the next interval (5 s)."""
+    import time
+
+    from nodetest import make_settings
+    from pacs_node.serve import NodeServer
+
+    class Recorder:
+        def enqueue_process(self, job_id: int) -> None:
+            pass
+
+        def enqueue_delivery(self, job_id: int) -> None:
+            pass
+
+    settings = make_settings(tmp_path, sqlite_url, study__stable_seconds="2.0",
+                             study__scheduler_interval_seconds="5.0", study__force_complete_seconds="600")
+    node = Node.from_settings(settings, migrate=True)
+    _ingest(node, make_study(1, 2))
+    t0 = time.monotonic()
+    server = NodeServer(node, dispatcher=Recorder())
+    server.start_background()
+    try:
+        while not _jobs(node) and time.monotonic() - t0 < 12:
+            time.sleep(0.05)
+        waited = time.monotonic() - t0
+    finally:
+        server.stop()
+        node.close()
+    assert _jobs(node), "no job created"
+    assert 1.9 <= waited < 4.0, f"job created {waited:.2f} s after the last instance (stable 2 s, interval 5 s)"

@@ -102,15 +102,22 @@ class StudyAssembler:
         self.rules = rules or [RoutingRule()]
         self.completeness = completeness
         self._patterns = [re.compile(p, re.IGNORECASE) for p in settings.required_series]
+        #: When the earliest study still waiting becomes due (quiet for
+        #: ``stable_seconds``, or forced), as of the last :meth:`tick`;
+        #: ``None`` when nothing waits. The loops sleep until then at most.
+        self.next_due_at: dt.datetime | None = None
 
     # -- one step -----------------------------------------------------------------
     def tick(self) -> list[int]:
         """Create jobs for every complete study version; return their ids."""
         now = self.clock()
         created: list[int] = []
+        next_due: dt.datetime | None = None
         for cand in self._candidates():
             reason = self._completion_reason(cand, now)
             if reason is None:
+                due = self._due_at(cand)
+                next_due = due if next_due is None else min(next_due, due)
                 continue
             if self.completeness is not None and not reason.startswith("forced"):
                 verdict = self._check_completeness(cand)
@@ -126,6 +133,7 @@ class StudyAssembler:
             job_id = self._claim(cand, reason)
             if job_id is not None:
                 created.append(job_id)
+        self.next_due_at = next_due
         for job_id in created:
             if self.on_job_created is not None:
                 try:
@@ -158,6 +166,26 @@ class StudyAssembler:
             if all(any(p.search(t) for t in texts) for p in self._patterns):
                 return "required series present"
         return None
+
+    def _due_at(self, cand: _Candidate) -> dt.datetime:
+        """When a waiting candidate becomes stable or forced, if nothing else arrives."""
+        return min(
+            cand.last_received_at + dt.timedelta(seconds=self.settings.stable_seconds),
+            cand.version_started_at + dt.timedelta(seconds=self.settings.force_complete_seconds),
+        )
+
+    def wait_seconds(self) -> float:
+        """How long a loop should sleep before the next :meth:`tick`.
+
+        ``scheduler_interval_seconds``, or less when a waiting study becomes
+        due sooner (so a study is claimed about ``stable_seconds`` after its
+        last instance instead of up to one interval later); at least 10 ms.
+        """
+        interval = self.settings.scheduler_interval_seconds
+        if self.next_due_at is None:
+            return interval
+        until = (self.next_due_at - self.clock()).total_seconds()
+        return max(0.01, min(interval, until))
 
     def _check_completeness(self, cand: _Candidate) -> CompletenessResult | None:
         assert self.completeness is not None
@@ -205,11 +233,12 @@ class StudyAssembler:
 
     # -- loop ---------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Call :meth:`tick` every ``scheduler_interval_seconds`` until ``stop`` is set."""
+        """Call :meth:`tick` every ``scheduler_interval_seconds`` (sooner when a
+        study becomes due, :meth:`wait_seconds`) until ``stop`` is set."""
         logger.info("study assembler running (stable after %g s)", self.settings.stable_seconds)
         while not stop.is_set():
             try:
                 self.tick()
             except Exception:  # noqa: BLE001 - keep the loop alive; the database may come back
                 logger.exception("assembler tick failed")
-            stop.wait(self.settings.scheduler_interval_seconds)
+            stop.wait(self.wait_seconds())
