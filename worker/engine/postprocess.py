@@ -87,8 +87,7 @@ def clean_mask(
     # and the zero margin connects the outside background), so work on that
     # box only: on a 400-slice 512 x 512 study this is orders of magnitude
     # less than the full volume.
-    nz = [np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
-    box = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in nz)
+    box = ndi.find_objects(m.view(np.uint8))[0]
     sub = np.pad(m[box], 1)
     if closing:
         st = ndi.generate_binary_structure(2, 1)[None]

@@ -2,9 +2,11 @@
 
 An output passes when
 
-1. it re-reads as what it claims to be (highdicom ``seg.segread`` for SEG and
-   FRACTIONAL SEG, ``pm.ParametricMap.from_dataset`` for Parametric Maps,
-   ``sr.srread`` for the SR, pydicom for SC overlays), with the SOP Class and
+1. the file, read once with pydicom, loads as what it claims to be
+   (highdicom ``seg.Segmentation.from_dataset`` for SEG and FRACTIONAL SEG,
+   ``pm.ParametricMap.from_dataset`` for Parametric Maps,
+   ``sr.Comprehensive3DSR.from_dataset`` for the SR, pydicom for SC
+   overlays), with the SOP Class and
    Instance UIDs it was built with and the expected content (the decoded mask
    has as many set pixels as the engine's mask, the SR has one ROI group per
    finding, ...);
@@ -162,7 +164,7 @@ def _reread(path: Path, built: BuiltOutput) -> list[str]:
         problems.append("SOP Class UID differs from the built object")
     exp = built.expected
     if built.kind == "seg" or (built.kind == "map" and ds.Modality == "SEG"):
-        seg = hd.seg.segread(str(path))
+        seg = hd.seg.Segmentation.from_dataset(ds, copy=False)  # the data set read above, not the file again
         if [int(s.SegmentNumber) for s in seg.SegmentSequence] != [1]:
             problems.append("SEG must have exactly segment 1")
         pixels = seg.pixel_array
@@ -178,7 +180,7 @@ def _reread(path: Path, built: BuiltOutput) -> list[str]:
         if "frames" in exp and (pixels.shape[0] if pixels.ndim == 3 else 1) != exp["frames"]:
             problems.append("Parametric Map frame count differs from the source")
     elif built.kind == "sr":
-        sr = hd.sr.srread(str(path))
+        sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=False)
         groups = volumetric_roi_groups(sr)
         if "findings" in exp and groups != exp["findings"]:
             problems.append(f"SR has {groups} ROI groups, expected {exp['findings']}")
