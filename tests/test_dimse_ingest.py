@@ -364,3 +364,42 @@ def test_row_commits_only_after_the_file_is_durable(node: Node, monkeypatch: pyt
     assert getattr(out["r"], "status") == Status.SUCCESS
     assert _count(node, Instance) == 1
     assert (node.store.root / getattr(out["r"], "relpath")).read_bytes() == data
+
+
+def test_probe_connections_do_not_hold_association_slots(tmp_path: Path, sqlite_url: str) -> None:
+    """TCP health checks and port scans (connect, then close without an
+    A-ASSOCIATE-RQ) must not use up ``max_associations``: a PACS that comes
+    right after a burst of probes is accepted, and the slots free at once."""
+    import time
+
+    from nodetest import make_settings
+
+    settings = make_settings(tmp_path, sqlite_url, dicom__max_associations="2", dicom__acse_timeout="30")
+    node = Node.from_settings(settings, migrate=True)
+    server = DimseServer(settings.dicom, node.ingestor)
+    server.start()
+    try:
+        for _ in range(20):
+            socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+        deadline = time.monotonic() + 5
+        while server.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.ae.active_associations == []
+        # A probe still open holds its slot while it is open (it may yet ask).
+        held = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        deadline = time.monotonic() + 5
+        while not server.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(server.ae.active_associations) == 1
+        held.close()
+        res = subprocess.run([require_tool("echoscu"), "-aet", "PACS", "-aec", "PACSNODE", "127.0.0.1",
+                              str(server.port)], capture_output=True, text=True, env=NODELAY_ENV, timeout=30)
+        assert res.returncode == 0, res.stdout + res.stderr
+        study = make_study(n_series=1, per_series=2)
+        assoc = _assoc(server, [(study[0].SOPClassUID, study[0].file_meta.TransferSyntaxUID)])
+        assert assoc.is_established
+        assert [int(assoc.send_c_store(ds).Status) for ds in study] == [0, 0]
+        assoc.release()
+    finally:
+        server.stop()
+        node.close()

@@ -124,7 +124,7 @@ def _wait_port(port: int, proc: Proc) -> None:
     """Wait until the node listens on ``port`` and says it is serving (a port
     merely open could belong to another process if the node failed to bind)."""
     deadline = time.monotonic() + 30
-    while not (tcp_open("127.0.0.1", port) and "pacs-node serving" in proc.log.read_text()):
+    while not ("pacs-node serving" in proc.log.read_text() and tcp_open("127.0.0.1", port)):
         assert proc.p.poll() is None, proc.log.read_text()[-3000:]
         assert time.monotonic() < deadline, proc.log.read_text()[-3000:]
         time.sleep(0.1)

@@ -110,6 +110,27 @@ def handle_conn_open(event: evt.Event) -> None:
             logger.debug("cannot set TCP_NODELAY: %s", exc)
 
 
+def handle_conn_close(event: evt.Event) -> None:
+    """Free the association slot of a peer that closed before asking for an association.
+
+    A TCP health check, a load balancer probe or a port scan connects and
+    closes without sending an A-ASSOCIATE-RQ. pynetdicom's acceptor thread
+    then keeps waiting for the request for ``acse_timeout`` seconds, and every
+    such thread counts against ``max_associations``: a burst of probes makes
+    the node answer a real PACS with A-ASSOCIATE-RJ "local limit exceeded".
+
+    pynetdicom triggers this event from its DUL thread, the only thread that
+    puts primitives on the acceptor's queue, so an unused queue means no
+    request ever arrived. ``None`` on the queue is what the acceptor reads as
+    "timed out waiting for the request": it ends its thread at once.
+    """
+    assoc = event.assoc
+    queue = assoc.dul.to_user_queue
+    if assoc.is_acceptor and queue.unfinished_tasks == 0:
+        logger.debug("connection from %s closed before an association request", assoc.requestor.address)
+        queue.put(None)
+
+
 def handle_rejected(event: evt.Event, settings: DicomSettings) -> None:
     """Log who was refused and why (pynetdicom sends the A-ASSOCIATE-RJ)."""
     req = event.assoc.requestor
@@ -183,6 +204,7 @@ class DimseServer:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.ingestor]),
             (evt.EVT_CONN_OPEN, handle_conn_open),
+            (evt.EVT_CONN_CLOSE, handle_conn_close),
             (evt.EVT_REJECTED, handle_rejected, [self.settings]),
             (evt.EVT_ACCEPTED, handle_accepted),
         ]
