@@ -71,6 +71,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--size", type=int, default=None, help="model in-plane size (square)")
     p.add_argument("--scoring", choices=["residual", "ssim", "combined", "auto"], default="auto",
                    help="auto: choose residual/combined on synthetic validation anomalies (synthetic only)")
+    _combine_args(p)
     p.add_argument("--fast", action="store_true", help="quick, weaker synthetic build for smoke tests")
     p.add_argument("--resume", action="store_true", help="continue from MODEL.state")
     p.add_argument("--name", default=None, help="model name stored in the checkpoint")
@@ -82,6 +83,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--target-fpr", type=float, default=None)
     p.add_argument("--method", choices=["residual", "ssim", "combined"], default=None)
     p.add_argument("--polarity", choices=["bright", "dark", "both"], default=None)
+    _combine_args(p)
     p.add_argument("--out", type=Path, default=None, metavar="MODEL", help="write here instead of updating MODEL")
     p.set_defaults(func=cmd_calibrate)
 
@@ -138,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.size is not None:
         pp["size"] = (args.size, args.size)
     cfg.preprocess = replace(cfg.preprocess, **pp)
-    cfg.scoring = replace(cfg.scoring, target_fpr=st.target_fpr)
+    cfg.scoring = replace(cfg.scoring, target_fpr=st.target_fpr, **_combine_over(args))
     scoring = args.scoring if args.scoring != "auto" else (st.scoring or "auto")
     if scoring != "auto":
         cfg.scoring = replace(cfg.scoring, method=scoring)
@@ -166,6 +168,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     print(f"model written to {args.out} ({time.monotonic() - t0:.0f} s)")
     return 0
+
+
+def _combine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--combine-with", choices=["intensity", "pixel_zscore", "feature"], default=None,
+                   help="second term of the 'combined' scoring method (feature = feature-space residual)")
+    p.add_argument("--combine-weight", type=float, default=None, help="weight of that term")
+
+
+def _combine_over(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in {"combine_with": args.combine_with, "combine_weight": args.combine_weight}.items()
+            if v is not None}
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -197,7 +210,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             desc = f"{len(normals)} local normal series"
         info = calibrate(pred, normals, method=args.method or (st.scoring or None),
                          target_fpr=args.target_fpr if args.target_fpr is not None else st.target_fpr,
-                         polarity=args.polarity, description=desc)
+                         polarity=args.polarity, description=desc, **_combine_over(args))
         save_predictor(pred, args.out or args.model)
     except (CheckpointError, SeriesError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -45,6 +45,33 @@ def test_calibrate_updates_threshold(tiny_ckpt: Path, tmp_path: Path, capsys: py
     assert p.scoring.target_fpr == 0.02 and p.scoring.threshold == pytest.approx(info["threshold"])
 
 
+def test_calibrate_combined_with_feature_residual(tiny_ckpt: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``--method combined --combine-with feature``: residual + feature-space residual, calibrated and usable."""
+    import numpy as np
+
+    from worker.engine.predictor import Predictor
+    from worker.engine.synthetic import make_case
+
+    out_model = tmp_path / "feature.pt"
+    rc = _run(["calibrate", "--model", str(tiny_ckpt), "--synthetic", "--method", "combined",
+               "--combine-with", "feature", "--combine-weight", "0.25", "--out", str(out_model)])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "combined"
+    p = Predictor.from_checkpoint(out_model)
+    assert (p.scoring.method, p.scoring.combine_with, p.scoring.combine_weight) == ("combined", "feature", 0.25)
+    assert set(p.scoring.scales) >= {"residual", "feature"} and p.scoring.scales["feature"] > 0
+    vol = make_case(4242, anomalous=True, shape=(12, 40, 48), spacing=(4.0, 3.0, 3.0)).volume
+    comp = p.components(vol, ["residual", "feature"])
+    feat = comp.maps["feature"]
+    assert feat.shape == vol.shape and feat.min() >= 0 and feat.max() > 0
+    assert not feat[~comp.region].any()  # restricted to the scoring region, like every component
+    res = p.predict(vol)
+    assert res.mask.shape == vol.shape and np.isfinite(res.study_score)
+    assert _run(["calibrate", "--model", str(tiny_ckpt), "--synthetic", "--combine-weight", "-1",
+                 "--out", str(tmp_path / "bad.pt")]) == 1
+
+
 def test_bad_model_and_bad_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"nope")

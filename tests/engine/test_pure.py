@@ -223,6 +223,30 @@ def test_combined_with_pixel_zscore_keys() -> None:
         ScoringConfig.from_dict({"method": "combined", "combine_with": "nope"})
 
 
+def test_feature_residual_and_combined_with_feature_keys() -> None:
+    from worker.engine.scoring import component_keys, feature_residual
+
+    rng = np.random.default_rng(3)
+    f = rng.normal(size=(2, 4, 5, 6)).astype(np.float32)
+    np.testing.assert_array_equal(feature_residual(f, f), np.zeros((2, 5, 6), np.float32))
+    g = f.copy()
+    g[1, :, 2, 3] += np.array([1.0, -2.0, 3.0, 0.0], np.float32)  # mean |difference| over 4 channels = 1.5
+    r = feature_residual(f, g)
+    assert r.dtype == np.float32 and r.shape == (2, 5, 6)
+    assert r[1, 2, 3] == pytest.approx(1.5) and np.count_nonzero(r) == 1
+    with pytest.raises(ValueError):
+        feature_residual(f, f[:, :3])
+    with pytest.raises(ValueError):
+        feature_residual(f[0], f[0])
+    assert component_keys(ScoringConfig(method="combined", combine_with="feature")) == ["residual", "feature"]
+    cfg = ScoringConfig.from_dict({"method": "combined", "combine_with": "feature", "combine_weight": 0.25,
+                                   "scales": {"residual": 2.0, "feature": 4.0}})
+    np.testing.assert_allclose(fuse({"residual": np.array([2.0]), "feature": np.array([8.0])}, cfg), [1.5])
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            ScoringConfig.from_dict({"method": "combined", "combine_with": "feature", "combine_weight": bad})
+
+
 def _clean_mask_full_volume(mask: np.ndarray, spacing: tuple[float, float, float], min_mm3: float) -> np.ndarray:
     """Reference: the same operations on the whole volume (no bounding-box crop)."""
     from scipy import ndimage as ndi

@@ -55,6 +55,8 @@ def calibrate(
     method: str | None = None,
     target_fpr: float | None = None,
     polarity: str | None = None,
+    combine_with: str | None = None,
+    combine_weight: float | None = None,
     description: str = "",
 ) -> dict[str, Any]:
     """Calibrate thresholds in place on ``predictor`` and return the metadata update.
@@ -65,7 +67,7 @@ def calibrate(
         Loaded model; its ``scoring`` and ``meta`` are updated.
     normals:
         Held-out normal volumes (never used for training).
-    method, target_fpr, polarity:
+    method, target_fpr, polarity, combine_with, combine_weight:
         Override the scoring settings before calibrating.
     description:
         Free-text description of the calibration data (no patient data).
@@ -90,6 +92,10 @@ def calibrate(
         upd["target_fpr"] = float(target_fpr)
     if polarity is not None:
         upd["polarity"] = polarity
+    if combine_with is not None:
+        upd["combine_with"] = combine_with
+    if combine_weight is not None:
+        upd["combine_weight"] = float(combine_weight)
     scfg = ScoringConfig.from_dict({**scfg.to_dict(), **upd})
     predictor.scoring = scfg
     keys = list(dict.fromkeys(["residual", *component_keys(replace(scfg, method="combined")), *component_keys(scfg),

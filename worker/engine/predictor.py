@@ -29,6 +29,7 @@ from .preprocess import (
 from .scoring import (
     ScoringConfig,
     component_keys,
+    feature_residual,
     fuse,
     intensity_outlier,
     median_smooth,
@@ -190,6 +191,34 @@ class Predictor:
                 out[i:i + len(x)] = y[:, 0].cpu().numpy()
         return out
 
+    def feature_residual(self, stack: np.ndarray, recon_stack: np.ndarray) -> np.ndarray:
+        """Feature-space residual at the U-Net's first encoder level, in batches.
+
+        Parameters
+        ----------
+        stack, recon_stack:
+            ``(z, C, H, W)`` network inputs built from the image and from its
+            reconstruction (the same 2.5D context).
+
+        Returns
+        -------
+        np.ndarray
+            ``(z, H, W)`` float32, see :func:`~worker.engine.scoring.feature_residual`.
+        """
+        encoder = self.model.enc[0]
+        out = np.empty((stack.shape[0], stack.shape[2], stack.shape[3]), np.float32)
+        with torch.inference_mode():
+            for i in range(0, stack.shape[0], self.batch_size):
+                a = torch.from_numpy(np.ascontiguousarray(stack[i:i + self.batch_size]))
+                b = torch.from_numpy(np.ascontiguousarray(recon_stack[i:i + self.batch_size]))
+                x = torch.cat([a, b]).to(self.device)
+                if self.device.type == "cpu":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                    f = encoder(x).float().cpu().numpy()
+                out[i:i + len(a)] = feature_residual(f[:len(a)], f[len(a):])
+        return out
+
     def components(self, volume: Volume, keys: Iterable[str] | None = None) -> Components:
         """Compute component score maps on the source grid.
 
@@ -199,7 +228,7 @@ class Predictor:
             Input volume.
         keys:
             Components to compute (``"residual"``, ``"ssim"``,
-            ``"intensity:<pol>"``, ``"pixel_zscore:<pol>"``); default: those
+            ``"feature"``, ``"intensity:<pol>"``, ``"pixel_zscore:<pol>"``); default: those
             the checkpoint's method needs.
 
         Returns
@@ -231,10 +260,14 @@ class Predictor:
             region_src = pre.fg_source
         t1 = time.perf_counter()
         model_maps: dict[str, np.ndarray] = {}
-        if any(k in ("residual", "ssim") for k in keys):
+        if any(k in ("residual", "ssim", "feature") for k in keys):
             stride = context_stride(volume.spacing[0], pcfg.context_mm)
-            recon = self.reconstruct(context_stack(pre.image, pcfg.context, stride))
+            stack = context_stack(pre.image, pcfg.context, stride)
+            recon = self.reconstruct(stack)
             recon = np.where(pre.fg, recon, 0.0).astype(np.float32)
+            if "feature" in keys:
+                feature = self.feature_residual(stack, context_stack(recon, pcfg.context, stride))
+            del stack
         t2 = time.perf_counter()
         for k in keys:
             name, _, pol = k.partition(":")
@@ -242,6 +275,8 @@ class Predictor:
                 m = residual_map(pre.image, recon, scfg.edge_weight)
             elif name == "ssim":
                 m = ssim_map(pre.image, recon)
+            elif name == "feature":
+                m = feature
             elif name == "intensity":
                 m = intensity_outlier(pre.image, region_m if region_m.any() else pre.fg, pol or scfg.polarity)
             elif name == "pixel_zscore":

@@ -19,6 +19,7 @@ __all__ = [
     "ScoringConfig",
     "residual_map",
     "ssim_map",
+    "feature_residual",
     "intensity_outlier",
     "pixel_zscore",
     "median_smooth",
@@ -31,6 +32,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 METHODS = ("residual", "ssim", "combined", "intensity", "pixel_zscore")
+COMBINE_WITH = ("intensity", "pixel_zscore", "feature")
 
 
 @dataclass
@@ -41,7 +43,8 @@ class ScoringConfig:
     ----------
     method:
         ``"residual"`` (``|x - x̂|``), ``"ssim"`` (``1 - SSIM``) or
-        ``"combined"`` (normalised residual + weighted intensity outlier).
+        ``"combined"`` (normalised residual + a weighted second term, see
+        ``combine_with``).
     median_size:
         Median filter ``(z, y, x)`` applied on the model grid.
     tta:
@@ -59,10 +62,13 @@ class ScoringConfig:
     polarity:
         Intensity-outlier tail: ``"bright"``, ``"dark"`` or ``"both"``.
     combine_weight:
-        Weight of the intensity-outlier term in ``"combined"``.
+        Weight of the second term in ``"combined"``.
     combine_with:
         Second term of ``"combined"``: ``"intensity"`` (robust z within the
-        study) or ``"pixel_zscore"`` (deviation from the normal atlas).
+        study), ``"pixel_zscore"`` (deviation from the normal atlas) or
+        ``"feature"`` (feature-space residual: how differently the U-Net's
+        first encoder level responds to the input and to its
+        reconstruction, see :func:`feature_residual`).
     edge_weight:
         Edge-aware residual: ``|x - x̂| / (1 + edge_weight * |∇x̂|)``, which
         discounts the unavoidable reconstruction error on normal edges
@@ -115,8 +121,10 @@ class ScoringConfig:
             raise ValueError(f"unknown scoring method {cfg.method!r}")
         if cfg.polarity not in ("bright", "dark", "both"):
             raise ValueError(f"unknown polarity {cfg.polarity!r}")
-        if cfg.combine_with not in ("intensity", "pixel_zscore"):
+        if cfg.combine_with not in COMBINE_WITH:
             raise ValueError(f"unknown combine_with {cfg.combine_with!r}")
+        if not (0.0 <= float(cfg.combine_weight) < float("inf")):
+            raise ValueError(f"combine_weight must be a finite number >= 0, got {cfg.combine_weight!r}")
         return cfg
 
 
@@ -176,6 +184,31 @@ def ssim_map(x: np.ndarray, recon: np.ndarray, sigma: float = 1.5, data_range: f
     cov = ndi.gaussian_filter(a * b, s) - mu_a * mu_b
     ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2))
     return (1.0 - ssim).astype(np.float32)
+
+
+def feature_residual(fx: np.ndarray, frecon: np.ndarray) -> np.ndarray:
+    """Feature-space residual: mean absolute difference over feature channels.
+
+    Parameters
+    ----------
+    fx, frecon:
+        ``(z, C, H, W)`` feature maps of the input and of its reconstruction
+        (the same layer of the same network).
+
+    Returns
+    -------
+    np.ndarray
+        ``(z, H, W)`` float32. A texture the network does not expect changes
+        its feature responses even where the voxel residual averages out.
+
+    Raises
+    ------
+    ValueError
+        When the shapes differ or are not 4-D.
+    """
+    if fx.shape != frecon.shape or fx.ndim != 4:
+        raise ValueError(f"feature maps must be equal (z, C, H, W) arrays, got {fx.shape} and {frecon.shape}")
+    return np.abs(fx - frecon).mean(axis=1, dtype=np.float32)
 
 
 def _tail(z: np.ndarray, polarity: str) -> np.ndarray:
@@ -274,6 +307,8 @@ def component_keys(cfg: ScoringConfig) -> list[str]:
     if m in ("intensity", "pixel_zscore"):
         return [f"{m}:{cfg.polarity}"]
     if m == "combined":
+        if cfg.combine_with == "feature":
+            return ["residual", "feature"]
         return ["residual", f"{cfg.combine_with}:{cfg.polarity}"]
     raise ValueError(f"unknown scoring method {m!r}")
 
