@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -176,19 +176,27 @@ class Predictor:
         log.debug("bf16 vs fp32 max abs difference %.4f", err)
         return err < tol
 
+    def _batches(self, stack: np.ndarray) -> Iterator[tuple[slice, torch.Tensor]]:
+        """``stack`` in batches on the predictor's device (channels_last on CPU), to run under :meth:`_autocast`."""
+        for i in range(0, stack.shape[0], self.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(stack[i:i + self.batch_size])).to(self.device)
+            if self.device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield slice(i, i + len(x)), x
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
     def reconstruct(self, stack: np.ndarray) -> np.ndarray:
         """Run the U-Net on ``(z, C, H, W)`` slices in batches; returns ``(z, H, W)``."""
         out = np.empty((stack.shape[0], stack.shape[2], stack.shape[3]), np.float32)
         with torch.inference_mode():
-            for i in range(0, stack.shape[0], self.batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(stack[i:i + self.batch_size])).to(self.device)
-                if self.device.type == "cpu":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            for rows, x in self._batches(stack):
+                with self._autocast():
                     y = self.model(x).float()
                     if self.scoring.tta:
                         y = 0.5 * (y + self.model(x.flip(-1)).float().flip(-1))
-                out[i:i + len(x)] = y[:, 0].cpu().numpy()
+                out[rows] = y[:, 0].cpu().numpy()
         return out
 
     def feature_residual(self, stack: np.ndarray, recon_stack: np.ndarray) -> np.ndarray:
@@ -208,15 +216,11 @@ class Predictor:
         encoder = self.model.enc[0]
         out = np.empty((stack.shape[0], stack.shape[2], stack.shape[3]), np.float32)
         with torch.inference_mode():
-            for i in range(0, stack.shape[0], self.batch_size):
-                a = torch.from_numpy(np.ascontiguousarray(stack[i:i + self.batch_size]))
-                b = torch.from_numpy(np.ascontiguousarray(recon_stack[i:i + self.batch_size]))
-                x = torch.cat([a, b]).to(self.device)
-                if self.device.type == "cpu":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-                    f = encoder(x).float().cpu().numpy()
-                out[i:i + len(a)] = feature_residual(f[:len(a)], f[len(a):])
+            # Each input batch goes through the encoder together with its reconstruction.
+            for (rows, x), (_, r) in zip(self._batches(stack), self._batches(recon_stack)):
+                with self._autocast():
+                    f = encoder(torch.cat([x, r])).float().cpu().numpy()
+                out[rows] = feature_residual(f[:len(x)], f[len(x):])
         return out
 
     def components(self, volume: Volume, keys: Iterable[str] | None = None) -> Components:
