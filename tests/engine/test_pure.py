@@ -320,6 +320,53 @@ def test_fill_holes_2d_matches_scipy_per_slice(seed: int) -> None:
     assert fill_holes_2d(np.ones((2, 3, 3), bool)).all()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_open_2d_matches_scipy_opening(seed: int) -> None:
+    from scipy import ndimage as ndi
+
+    from worker.engine.preprocess import open_2d
+
+    rng = np.random.default_rng(seed)
+    for shape in [(3, 17, 23), (1, 3, 3), (2, 1, 9), (2, 2, 2), (4, 40, 5)]:
+        m = rng.random(shape) < rng.uniform(0.3, 0.9)
+        m[:, 0, :] = True  # set pixels on the slice border: the outside counts as background
+        assert np.array_equal(open_2d(m), ndi.binary_opening(m, structure=np.ones((1, 3, 3), bool))), shape
+
+
+def _reference_foreground(array: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """The foreground rule on the whole volume with scipy's own operators."""
+    from scipy import ndimage as ndi
+
+    m = array > cfg.fg_fraction * float(np.percentile(array, 99.0))
+    m = ndi.binary_opening(m, structure=np.ones((1, 3, 3), bool))
+    m = np.stack([ndi.binary_fill_holes(s) for s in m])
+    lab, n = ndi.label(m)
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == int(np.argmax(sizes)) if n > 1 else m
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_foreground_mask_on_its_bounding_box_equals_whole_volume(seed: int) -> None:
+    """The clean-up runs on the mask's bounding box; the result must not depend on it,
+    also when the head touches the image border or slices are empty."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    field = ndi.gaussian_filter(rng.random((8, 48, 56)), (0.7, 1.5, 1.5))
+    a = np.where(field > np.quantile(field, 0.55), 100.0, 0.0).astype(np.float32)
+    a += rng.normal(0.0, 2.0, a.shape).astype(np.float32)
+    a[0] = 0.0  # an empty end slice
+    if seed % 2:
+        a[:, :, :3] = 100.0  # bright band on the left border
+    else:
+        a = np.pad(a, ((0, 0), (5, 7), (4, 6)))  # a head inside the field of view: the box is a crop
+    cfg = PreprocessConfig()
+    ref = _reference_foreground(a, cfg)
+    assert ndi.label(a > 50)[1] > 1 and 0.05 < ref.mean() < 0.9  # several blobs, holes, a real choice
+    assert np.array_equal(foreground_mask(a, "MR", cfg), ref)
+
+
 def test_from_model_grid_single_pass_equals_linear_with_nearest_edges() -> None:
     """The padded single resampling gives what linear + nearest-neighbour edge filling gave."""
     import SimpleITK as sitk
