@@ -279,6 +279,26 @@ def test_clean_mask_crop_matches_full_volume(seed: int) -> None:
     assert clean_mask(np.zeros((3, 4, 5), bool), (1.0, 1.0, 1.0), 0.0)[1] == 0
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_fill_holes_3d_and_cross_closing_match_scipy(seed: int) -> None:
+    from scipy import ndimage as ndi
+
+    from worker.engine.postprocess import _dilate_cross_2d, _erode_cross_2d, fill_holes_3d
+
+    rng = np.random.default_rng(seed)
+    st = ndi.generate_binary_structure(2, 1)[None]
+    for shape in [(6, 20, 24), (1, 5, 5), (3, 1, 7), (2, 2, 2)]:
+        m = ndi.gaussian_filter(rng.random(shape), 1.0) > rng.uniform(0.4, 0.6)
+        m[:, 0, :] |= rng.random((shape[0], shape[2])) > 0.5  # touches a face
+        assert np.array_equal(fill_holes_3d(m), ndi.binary_fill_holes(m)), shape
+        assert np.array_equal(_dilate_cross_2d(m), ndi.binary_dilation(m, structure=st)), shape
+        assert np.array_equal(_erode_cross_2d(m), ndi.binary_erosion(m, structure=st)), shape
+    shell = np.zeros((7, 7, 7), bool)
+    shell[1:6, 1:6, 1:6] = True
+    shell[3, 3, 3] = False  # an enclosed cavity is filled
+    assert fill_holes_3d(shell)[3, 3, 3] and fill_holes_3d(np.ones((2, 2, 2), bool)).all()
+
+
 def test_study_score_uses_the_top_voxels_even_when_few_are_positive() -> None:
     s = np.zeros((4, 8, 8), np.float32)
     s[0, 0, :3] = [4.0, 2.0, 3.0]
