@@ -26,6 +26,7 @@ from pacs_node.jobs import lease
 from pacs_node.jobs.states import JobState, transition
 from pacs_node.queue import CeleryDispatcher, Dispatcher
 from worker.fetch import FetchError, SeriesFiles, fetch_series_remote, fetch_series_shared
+from worker.gc_pause import paused_gc
 from worker.settings import WorkerSettings
 
 __all__ = ["PermanentJobError", "TransientJobError", "WorkerContext", "deliver", "process"]
@@ -198,7 +199,7 @@ def _process_claimed(ctx: WorkerContext, job_id: int) -> None:
     except ValueError as exc:  # CheckpointError and bad settings
         raise PermanentJobError(f"model cannot be loaded: {exc}") from None
     files = _fetch(ctx, study_uid, series_uid)
-    with files:
+    with files, paused_gc():
         try:
             volume, _ = load_series(files.paths)
         except SeriesError as exc:
