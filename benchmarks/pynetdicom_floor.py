@@ -21,7 +21,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--loop-delay", type=float, default=None, help="set the DUL reactor's poll sleep (s)")
+    ap.add_argument("--loop-delay", type=float, default=None,
+                    help="set the DUL reactor's poll sleep (s) for the whole association (no adaptive polling)")
+    ap.add_argument("--active-poll-ms", type=float, default=None,
+                    help="the node's [dicom] active_poll_ms (default: the node's default; 0 = pynetdicom's 1 ms)")
     ap.add_argument("--assocs", type=int, default=1)
     ap.add_argument("--encode", action="store_true", help="also call event.encoded_dataset(include_meta=True)")
     args = ap.parse_args()
@@ -37,12 +40,17 @@ def main() -> int:
             event.encoded_dataset(include_meta=True)
         return 0x0000
 
+    settings = DicomSettings(port=free_port())
+    if args.active_poll_ms is not None or args.loop_delay is not None:
+        settings = settings.model_copy(update={"active_poll_ms": 0.0 if args.loop_delay is not None
+                                               else args.active_poll_ms})
+
     def on_open(event: evt.Event) -> None:
-        handle_conn_open(event)
+        handle_conn_open(event, settings)
         if args.loop_delay is not None:
             event.assoc.dul._run_loop_delay = args.loop_delay
 
-    server = DimseServer(DicomSettings(port=free_port()), ingestor=None)  # type: ignore[arg-type]
+    server = DimseServer(settings, ingestor=None)  # type: ignore[arg-type]
     srv = server.ae.start_server(("127.0.0.1", server.settings.port), block=False,
                                  evt_handlers=[(evt.EVT_C_STORE, handle), (evt.EVT_CONN_OPEN, on_open)])
     try:

@@ -97,6 +97,9 @@ class DicomSettings(BaseModel):
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
+    #: Sleep of an association's network loop while data is arriving, in ms
+    #: (pynetdicom's 1 ms otherwise); 0 keeps pynetdicom's 1 ms throughout.
+    active_poll_ms: float = Field(default=0.1, ge=0, le=1.0)
 
     @field_validator("ae_title")
     @classmethod

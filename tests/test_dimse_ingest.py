@@ -420,3 +420,45 @@ def test_probe_connections_do_not_hold_association_slots(tmp_path: Path, sqlite_
     finally:
         server.stop()
         node.close()
+
+
+def test_accepted_associations_poll_fast_only_while_data_flows(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DUL of an accepted association sleeps ``active_poll_ms`` between
+    loops while data arrives and pynetdicom's 1 ms once the peer goes quiet;
+    ``active_poll_ms = 0`` leaves pynetdicom's DUL untouched."""
+    import time
+
+    from pynetdicom.dul import DULServiceProvider
+
+    from nodetest import make_settings
+    from pacs_node.ingest import polling
+
+    monkeypatch.setattr(polling, "ACTIVE_WINDOW", 1.0)
+    study = make_study(n_series=1, per_series=2)
+    for poll_ms, expect_class in (("0.1", polling.AdaptivePollDUL), ("0", DULServiceProvider)):
+        settings = make_settings(tmp_path / poll_ms, f"sqlite:///{tmp_path / (poll_ms + '.db')}",
+                                 dicom__active_poll_ms=poll_ms)
+        node = Node.from_settings(settings, migrate=True)
+        server = DimseServer(settings.dicom, node.ingestor)
+        server.start()
+        try:
+            assoc = _assoc(server, [(study[0].SOPClassUID, study[0].file_meta.TransferSyntaxUID)])
+            assert assoc.is_established
+            assert [int(assoc.send_c_store(ds).Status) for ds in study] == [0, 0]
+            (peer,) = server.ae.active_associations
+            assert type(peer.dul) is expect_class
+            if expect_class is polling.AdaptivePollDUL:
+                assert peer.dul._run_loop_delay == pytest.approx(0.0001)  # data just arrived
+                time.sleep(1.3)
+                assert peer.dul._run_loop_delay == polling.IDLE_DELAY  # quiet: pynetdicom's 1 ms
+                assert int(assoc.send_c_store(study[0]).Status) == 0  # a duplicate: fast again
+                assert peer.dul._run_loop_delay == pytest.approx(0.0001)
+            else:
+                assert peer.dul._run_loop_delay == polling.IDLE_DELAY
+            assoc.release()
+        finally:
+            server.stop()
+            node.close()
+    assert not polling.enable_adaptive_polling(object(), 0.0001)  # type: ignore[arg-type]

@@ -25,6 +25,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_node.config import DicomSettings
+from pacs_node.ingest.polling import enable_adaptive_polling
 from pacs_node.ingest.recorder import IngestError, Ingestor, Status, encode_part10, parse_meta
 
 __all__ = ["SEGMENTATION_LABELMAP", "DimseServer", "handle_echo", "handle_store", "storage_sop_classes"]
@@ -100,14 +101,17 @@ def handle_store(event: evt.Event, ingestor: Ingestor) -> Dataset:
     return _status(Status.SUCCESS)
 
 
-def handle_conn_open(event: evt.Event) -> None:
-    """Set TCP_NODELAY on every accepted socket (peers otherwise stall ~44 ms per message)."""
+def handle_conn_open(event: evt.Event, settings: DicomSettings) -> None:
+    """Set TCP_NODELAY on every accepted socket (peers otherwise stall ~44 ms per
+    message) and make its DUL poll fast while data flows (:mod:`.polling`)."""
     sock = getattr(event.assoc.dul.socket, "socket", None)
     if sock is not None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:  # pragma: no cover - closed already
             logger.debug("cannot set TCP_NODELAY: %s", exc)
+    if settings.active_poll_ms > 0:
+        enable_adaptive_polling(event.assoc.dul, settings.active_poll_ms / 1000.0)
 
 
 def handle_conn_close(event: evt.Event) -> None:
@@ -203,7 +207,7 @@ class DimseServer:
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.ingestor]),
-            (evt.EVT_CONN_OPEN, handle_conn_open),
+            (evt.EVT_CONN_OPEN, handle_conn_open, [self.settings]),
             (evt.EVT_CONN_CLOSE, handle_conn_close),
             (evt.EVT_REJECTED, handle_rejected, [self.settings]),
             (evt.EVT_ACCEPTED, handle_accepted),
