@@ -447,7 +447,7 @@ def test_accepted_associations_poll_fast_only_while_data_flows(
             assoc = _assoc(server, [(study[0].SOPClassUID, study[0].file_meta.TransferSyntaxUID)])
             assert assoc.is_established
             assert [int(assoc.send_c_store(ds).Status) for ds in study] == [0, 0]
-            (peer,) = server.ae.active_associations
+            peer = server.ae.active_associations[0]
             assert type(peer.dul) is expect_class
             if expect_class is polling.AdaptivePollDUL:
                 assert peer.dul._run_loop_delay == pytest.approx(0.0001)  # data just arrived
@@ -455,6 +455,14 @@ def test_accepted_associations_poll_fast_only_while_data_flows(
                 assert peer.dul._run_loop_delay == polling.IDLE_DELAY  # quiet: pynetdicom's 1 ms
                 assert int(assoc.send_c_store(study[0]).Status) == 0  # a duplicate: fast again
                 assert peer.dul._run_loop_delay == pytest.approx(0.0001)
+                # Two associations moving data: CPU-bound, both keep pynetdicom's 1 ms.
+                other = _assoc(server, [(study[0].SOPClassUID, study[0].file_meta.TransferSyntaxUID)])
+                assert int(other.send_c_store(study[1]).Status) == 0
+                assert int(assoc.send_c_store(study[0]).Status) == 0
+                time.sleep(0.05)  # past the 10 ms recount
+                assert polling.active_associations() == 2
+                assert all(a.dul._run_loop_delay == polling.IDLE_DELAY for a in server.ae.active_associations)
+                other.release()
             else:
                 assert peer.dul._run_loop_delay == polling.IDLE_DELAY
             assoc.release()
