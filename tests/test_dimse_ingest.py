@@ -435,7 +435,7 @@ def test_accepted_associations_poll_fast_only_while_data_flows(
     from nodetest import make_settings
     from pacs_node.ingest import polling
 
-    monkeypatch.setattr(polling, "ACTIVE_WINDOW", 1.0)
+    monkeypatch.setattr(polling, "ACTIVE_WINDOW", 2.0)
     study = make_study(n_series=1, per_series=2)
     for poll_ms, expect_class in (("0.1", polling.AdaptivePollDUL), ("0", DULServiceProvider)):
         settings = make_settings(tmp_path / poll_ms, f"sqlite:///{tmp_path / (poll_ms + '.db')}",
@@ -451,7 +451,7 @@ def test_accepted_associations_poll_fast_only_while_data_flows(
             assert type(peer.dul) is expect_class
             if expect_class is polling.AdaptivePollDUL:
                 assert peer.dul._run_loop_delay == pytest.approx(0.0001)  # data just arrived
-                time.sleep(1.3)
+                time.sleep(2.3)
                 assert peer.dul._run_loop_delay == polling.IDLE_DELAY  # quiet: pynetdicom's 1 ms
                 assert int(assoc.send_c_store(study[0]).Status) == 0  # a duplicate: fast again
                 assert peer.dul._run_loop_delay == pytest.approx(0.0001)
