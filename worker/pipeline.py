@@ -176,7 +176,7 @@ def process(ctx: WorkerContext, job_id: int) -> str:
 
 
 def _process_claimed(ctx: WorkerContext, job_id: int) -> None:
-    from worker.engine.dicom_io import SeriesError, load_series
+    from worker.engine.dicom_io import SeriesError, load_series_headers
     from worker.outputs.build import save_output_rows
 
     timings: dict[str, float] = {}
@@ -201,7 +201,7 @@ def _process_claimed(ctx: WorkerContext, job_id: int) -> None:
     files = _fetch(ctx, study_uid, series_uid)
     with files, paused_gc():
         try:
-            volume, _ = load_series(files.paths)
+            volume, refs, headers = load_series_headers(files.paths)
         except SeriesError as exc:
             raise PermanentJobError(f"source series cannot be read: {exc}") from None
         timings["load"] = time.perf_counter() - t0
@@ -211,7 +211,7 @@ def _process_claimed(ctx: WorkerContext, job_id: int) -> None:
         timings["inference"] = float(prediction.timings.get("preprocess", 0.0) + prediction.timings.get("inference", 0.0))
         timings["postprocess"] = float(prediction.timings.get("postprocess", 0.0))
         t1 = time.perf_counter()
-        built = _build(ctx, job_id, files.paths, prediction, predictor)
+        built = _build(ctx, job_id, files.paths, prediction, predictor, refs, headers)
         timings["build"] = time.perf_counter() - t1
     findings = {
         "count": len(prediction.findings),
@@ -255,8 +255,9 @@ def _fetch(ctx: WorkerContext, study_uid: str, series_uid: str) -> SeriesFiles:
         raise PermanentJobError(str(exc)) from None
 
 
-def _build(ctx: WorkerContext, job_id: int, paths: list[Path], prediction: Any, predictor: Any) -> list[Any]:
-    """Build, validate and write the outputs; returns the written outputs."""
+def _build(ctx: WorkerContext, job_id: int, paths: list[Path], prediction: Any, predictor: Any,
+           order: list[Any], headers: list[Any]) -> list[Any]:
+    """Build, validate and write the outputs from the headers the loader read; returns the written outputs."""
     from worker.outputs.build import build_job_outputs
     from worker.outputs.validate import OutputValidationError
 
@@ -268,6 +269,8 @@ def _build(ctx: WorkerContext, job_id: int, paths: list[Path], prediction: Any, 
             predictor=predictor,
             settings=ctx.settings,
             out_dir=ctx.outputs_dir / str(job_id),
+            order=order,
+            source_headers=headers,
         ))
     except OutputValidationError as exc:
         raise PermanentJobError(f"output failed validation: {exc}") from None

@@ -169,6 +169,53 @@ def test_with_engine_types_and_db_rows(tmp_path: Path) -> None:
     db.dispose()
 
 
+def _without_times(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A copy without what differs between two builds: creation dates and times,
+    and highdicom's random Dimension Organization UID."""
+    ds = ds.copy()
+
+    def strip(d: pydicom.Dataset) -> None:
+        for elem in list(d):
+            if elem.VR in ("DA", "TM", "DT") or elem.keyword == "DimensionOrganizationUID":
+                del d[elem.tag]
+            elif elem.VR == "SQ":
+                for item in elem.value:
+                    strip(item)
+
+    strip(ds)
+    return ds
+
+
+def test_build_from_the_loaders_headers_equals_build_from_the_files(tmp_path: Path) -> None:
+    """The worker passes the headers ``load_series_headers`` read (no Pixel Data)
+    instead of reading every file again; the outputs are the same, overlays
+    (which need the source pixels) included."""
+    from worker.engine.dicom_io import load_series_headers
+    from worker.engine.postprocess import extract_findings
+    from worker.engine.predictor import Prediction
+
+    paths = write_series(synthetic_series(modality="MR", n=8, shuffle=True, seed=11), tmp_path / "src")
+    volume, refs, headers = load_series_headers(paths)
+    assert len(headers) == len(paths) and all("PixelData" not in ds for ds in headers)
+    mask = np.zeros(volume.shape, bool)
+    mask[2:5, 4:9, 3:8] = True
+    amap = np.where(mask, 0.8, 0.1).astype(np.float32)
+    labels, _ = ndimage.label(mask)
+    prediction = Prediction(mask=mask, anomaly_map=amap, findings=extract_findings(labels, amap, volume),
+                            study_score=1.7, threshold=0.25)
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'node.db'}")
+    settings.outputs = {"overlay": True}
+    common = dict(job_id=5, source_paths=paths, prediction=prediction, predictor=_Predictor(), settings=settings,
+                  order=refs)
+    from_files = build_job_outputs(out_dir=tmp_path / "a", **common)  # type: ignore[arg-type]
+    from_headers = build_job_outputs(out_dir=tmp_path / "b", source_headers=headers, **common)  # type: ignore[arg-type]
+    assert [w.kind for w in from_headers] == [w.kind for w in from_files] and "overlay" in [w.kind for w in from_files]
+    for a, b in zip(from_files, from_headers):
+        assert _without_times(pydicom.dcmread(a.path)) == _without_times(pydicom.dcmread(b.path)), a.kind
+    with pytest.raises(ValueError):
+        build_job_outputs(out_dir=tmp_path / "c", source_headers=headers[:-1], **common)  # type: ignore[arg-type]
+
+
 def test_output_settings_validation() -> None:
     s = OutputSettings.model_validate({})
     assert s.uid_root == "2.25." and s.anomaly_map == "fractional" and s.seg_omit_empty_frames is False

@@ -19,7 +19,8 @@ import numpy as np
 
 from .volume import Volume
 
-__all__ = ["SeriesError", "FrameRef", "load_series", "load_series_refs", "load_directory", "find_series"]
+__all__ = ["SeriesError", "FrameRef", "load_series", "load_series_headers", "load_series_refs", "load_directory",
+           "find_series"]
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,28 @@ def load_series_refs(paths: list[Path]) -> tuple[Volume, list[FrameRef]]:
     SeriesError
         When the files are unreadable, of different series, or inconsistent.
     """
+    vol, refs, _ = load_series_headers(paths, keep_headers=False)
+    return vol, refs
+
+
+def load_series_headers(paths: list[Path], *, keep_headers: bool = True) -> tuple[Volume, list[FrameRef], list[Any]]:
+    """Like :func:`load_series_refs`, also returning each file's header.
+
+    The headers (pydicom data sets without Pixel Data, in the order of
+    ``paths``) are what the SEG/SR builder needs, so a worker reads every
+    file once.
+
+    Raises
+    ------
+    SeriesError
+        When the files are unreadable, of different series, or inconsistent.
+    """
     import pydicom
 
     if not paths:
         raise SeriesError("no files given")
     slices: list[_Slice] = []
+    headers: list[Any] = []
     series_uids, modalities = set(), set()
     for p in paths:
         try:
@@ -141,6 +159,9 @@ def load_series_refs(paths: list[Path]) -> tuple[Volume, list[FrameRef]]:
         series_uids.add(str(getattr(ds, "SeriesInstanceUID", "")))
         modalities.add(str(getattr(ds, "Modality", "OT")))
         slices.extend(_slices_from_dataset(ds))
+        if keep_headers:
+            del ds.PixelData  # also drops pydicom's cached pixel array
+            headers.append(ds)
     if len(series_uids) > 1:
         raise SeriesError(f"files belong to {len(series_uids)} different series")
     first = slices[0]
@@ -180,7 +201,7 @@ def load_series_refs(paths: list[Path]) -> tuple[Volume, list[FrameRef]]:
         modality=modalities.pop() if len(modalities) == 1 else "OT",
         meta={"series_uid": series_uids.pop()},
     )
-    return vol, [s.ref for s in slices]
+    return vol, [s.ref for s in slices], headers
 
 
 def load_series(paths: list[Path]) -> tuple[Volume, list[str]]:

@@ -255,6 +255,7 @@ def build_job_outputs(
     settings: Settings,
     out_dir: str | Path,
     order: Sequence[Any] | None = None,
+    source_headers: Sequence[Dataset] | None = None,
 ) -> list[WrittenOutput]:
     """The worker's entry point: read the source files, build, write and validate.
 
@@ -275,6 +276,10 @@ def build_job_outputs(
     order:
         Optional engine slice references (``load_series_refs``); default: the
         engine's sort rule.
+    source_headers:
+        The headers the engine's loader already read
+        (``load_series_headers``), one per path in ``source_paths`` order;
+        default: read them from the files.
 
     Raises
     ------
@@ -282,7 +287,13 @@ def build_job_outputs(
         An output failed the validation gate.
     """
     out_settings = OutputSettings.model_validate(settings.outputs or {})
-    source = SourceSeries.from_files(source_paths, order=order)
+    if source_headers is None:
+        source = SourceSeries.from_files(source_paths, order=order)
+    else:
+        if len(source_headers) != len(source_paths):
+            raise ValueError(f"{len(source_headers)} header(s) for {len(source_paths)} source file(s)")
+        files = {str(ds.get("SOPInstanceUID", "")): Path(p) for ds, p in zip(source_headers, source_paths)}
+        source = SourceSeries.from_datasets(source_headers, order=order, files=files)
     algorithm = AlgorithmInfo.from_predictor(predictor, threshold=float(prediction.threshold))
     built = build_outputs(job_id=job_id, source=source, prediction=prediction, algorithm=algorithm, settings=out_settings)
     return write_outputs(built, out_dir, settings=out_settings)

@@ -19,7 +19,7 @@ applied.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -160,12 +160,16 @@ class SourceSeries:
                 raise SourceError(f"cannot read {Path(p).name}: {type(exc).__name__}") from None
             datasets.append(ds)
             files[str(ds.get("SOPInstanceUID", ""))] = Path(p)
-        series = cls.from_datasets(datasets, order)
-        series._files = files
-        return series
+        return cls.from_datasets(datasets, order, files=files)
 
     @classmethod
-    def from_datasets(cls, datasets: Sequence[Dataset], order: Sequence[_RefLike] | None = None) -> "SourceSeries":
+    def from_datasets(
+        cls,
+        datasets: Sequence[Dataset],
+        order: Sequence[_RefLike] | None = None,
+        *,
+        files: Mapping[str, Path] | None = None,
+    ) -> "SourceSeries":
         """Sort the source images into volume slice order.
 
         Parameters
@@ -179,6 +183,9 @@ class SourceSeries:
             ``worker.engine.dicom_io.FrameRef``). Without it, slices are sorted
             by their position along the slice normal, then Instance Number, as
             the engine does.
+        files:
+            SOP Instance UID -> file, for data sets read without their Pixel
+            Data (:meth:`slice_pixels` reads the pixels from there).
 
         Raises
         ------
@@ -254,7 +261,9 @@ class SourceSeries:
             )
             for c in ordered
         ]
-        return cls(datasets, slices)
+        result = cls(datasets, slices)
+        result._files = dict(files or {})
+        return result
 
     # ------------------------------------------------------------- properties
     @property
