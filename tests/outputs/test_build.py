@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -28,6 +29,11 @@ from worker.outputs.validate import OutputValidationError, validate_file, volume
 BOXES = [(slice(1, 3), slice(2, 7), slice(3, 9))]
 
 
+def _sr(outputs: list) -> Any:
+    """The SR among built or written outputs."""
+    return next(o for o in outputs if o.kind == "sr")
+
+
 def _uids(outputs: list[BuiltOutput]) -> list[tuple[str, str, str]]:
     return [(o.kind, o.sop_instance_uid, o.series_instance_uid) for o in outputs]
 
@@ -48,7 +54,7 @@ def test_deterministic_uids(out_settings: OutputSettings) -> None:
     first = build_outputs(job_id=42, source=source, prediction=pred, algorithm=ALGORITHM, settings=settings)
     again = build_outputs(job_id=42, source=source, prediction=pred, algorithm=ALGORITHM, settings=settings)
     assert _uids(first) == _uids(again)
-    assert [o.kind for o in first] == ["seg", "map", "overlay", "overlay", "sr"]
+    assert [o.kind for o in first] == ["seg", "sr", "map", "overlay", "overlay"]
     all_uids = [u for t in _uids(first) for u in t[1:]]
     assert len(set(all_uids)) == len(first) + 4  # distinct instances; overlays share one series
     other_job = build_outputs(job_id=43, source=source, prediction=pred, algorithm=ALGORITHM, settings=settings)
@@ -57,14 +63,18 @@ def test_deterministic_uids(out_settings: OutputSettings) -> None:
     for other in (other_job, other_model):
         assert not set(all_uids) & {u for t in _uids(other) for u in t[1:]}
     # SR tracking UIDs, SEG segment tracking UID are deterministic too
-    tracking = _uidrefs(first[-1].dataset)
-    assert len(tracking) >= 3 and tracking == _uidrefs(again[-1].dataset)
+    tracking = _uidrefs(_sr(first).dataset)
+    assert len(tracking) >= 3 and tracking == _uidrefs(_sr(again).dataset)
     device = uid_factory(42, source, ALGORITHM, settings).device()  # the observer device: same model, same UID
-    assert tracking & _uidrefs(other_job[-1].dataset) == {device}
+    assert tracking & _uidrefs(_sr(other_job).dataset) == {device}
     # a switch between map encodings never reuses a UID for another SOP class
     pm = build_outputs(job_id=42, source=source, prediction=pred, algorithm=ALGORITHM,
                        settings=settings.model_copy(update={"anomaly_map": "parametric"}))
-    assert pm[1].sop_instance_uid != first[1].sop_instance_uid
+    def _map(outputs: list[BuiltOutput]) -> BuiltOutput:
+        return next(o for o in outputs if o.kind == "map")
+
+    assert _map(pm).sop_class_uid != _map(first).sop_class_uid
+    assert _map(pm).sop_instance_uid != _map(first).sop_instance_uid
 
 
 def test_uid_roots() -> None:
@@ -88,7 +98,7 @@ def test_validation_gate_rejects_errors(tmp_path: Path, out_settings: OutputSett
     assert "failed validation" in str(err.value)
 
     # a re-read that disagrees with the build (wrong number of ROI groups)
-    sr = built[-1]
+    sr = _sr(built)
     sr.dataset.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
     sr.expected["findings"] = 5
     with pytest.raises(OutputValidationError, match="ROI groups"):
@@ -139,10 +149,10 @@ def test_with_engine_types_and_db_rows(tmp_path: Path) -> None:
     outputs_root = tmp_path / "outputs"
     written = build_job_outputs(job_id=9, source_paths=paths, prediction=prediction, predictor=_Predictor(),
                                 settings=settings, out_dir=outputs_root / "9", order=refs)
-    assert [w.kind for w in written][0] == "seg" and written[-1].kind == "sr"
+    assert [w.kind for w in written][:2] == ["seg", "sr"]
     assert all(w.relpath.startswith("9/") and (outputs_root / w.relpath).is_file() for w in written)
     assert all(w.sop_instance_uid.startswith("1.2.826.0.1.3680043.8.498.") for w in written)
-    sr = pydicom.dcmread(written[-1].path)
+    sr = pydicom.dcmread(_sr(written).path)
     assert "threshold=0.25" in str(sr.ContentSequence)
 
     db = Database(db_url)
@@ -239,8 +249,7 @@ def test_roi_group_count_matches_highdicom(tmp_path: Path, out_settings: OutputS
     source = SourceSeries.from_datasets(SOURCES["mr-single"]())
     built = build_outputs(job_id=1, source=source, prediction=prediction_for(source, boxes),
                           algorithm=ALGORITHM, settings=out_settings)
-    sr = built[-1]
-    assert sr.kind == "sr"
+    sr = _sr(built)
     sr.dataset.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
     report = hd.sr.srread(tmp_path / "sr.dcm")
     expected = len(report.content.get_volumetric_roi_measurement_groups())  # type: ignore[attr-defined]

@@ -50,7 +50,7 @@ def test_sr_matches_findings(name: str, tmp_path: Path, out_settings: OutputSett
         tmp_path / "11", settings=out_settings,
     )
     kinds = {w.kind: w for w in written}
-    assert [w.kind for w in written] == ["seg", "map", "sr"]
+    assert [w.kind for w in written] == ["seg", "sr", "map"]
     seg_uid = kinds["seg"].sop_instance_uid
     sr = hd.sr.srread(kinds["sr"].path)
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
@@ -105,12 +105,12 @@ def test_nothing_found(tmp_path: Path, out_settings: OutputSettings, dciodvfy: s
     settings = out_settings.model_copy(update={"overlay": True})
     written = write_outputs(build_outputs(job_id=2, source=source, prediction=pred, algorithm=ALGORITHM,
                                           settings=settings), tmp_path / "2", settings=settings)
-    assert [w.kind for w in written] == ["map", "sr"]  # SEG omitted, no overlay
-    sr = hd.sr.srread(written[-1].path)
+    assert [w.kind for w in written] == ["sr", "map"]  # SEG omitted, no overlay
+    sr = hd.sr.srread(written[0].path)
     assert sr.content.get_volumetric_roi_measurement_groups() == []
     ev = sr.content.get_image_measurement_groups()[0].get_qualitative_evaluations()[0]
     assert ev.name == codes.SCT.MorphologicallyAbnormalStructure and ev.value == codes.SCT.Absent
-    assert run_dciodvfy(written[-1].path, dciodvfy)[0] == []
+    assert run_dciodvfy(written[0].path, dciodvfy)[0] == []
 
     # seg_when_empty = "empty": an empty SEG with every frame; no map when anomaly_map_when_empty = false
     settings = out_settings.model_copy(update={"seg_when_empty": "empty", "anomaly_map_when_empty": False})
@@ -172,7 +172,7 @@ def test_overlay(tmp_path: Path, out_settings: OutputSettings, dciodvfy: str) ->
     written = write_outputs(build_outputs(job_id=4, source=source, prediction=pred, algorithm=ALGORITHM,
                                           settings=settings), tmp_path / "4", settings=settings)
     overlays = [w for w in written if w.kind == "overlay"]
-    assert len(overlays) == 3 and written[-1].kind == "sr"
+    assert len(overlays) == 3 and [w.kind for w in written][:3] == ["seg", "sr", "map"]
     area = pred.mask.reshape(8, -1).sum(axis=1)
     chosen = []
     for w in overlays:

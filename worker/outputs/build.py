@@ -130,8 +130,9 @@ def build_outputs(
     Returns
     -------
     list[BuiltOutput]
-        In delivery order: SEG, map, overlay images, SR (last: it references
-        the SEG).
+        In delivery order: SEG, SR (right after the SEG it references), then
+        map and overlay images, so the result a radiologist reads first
+        arrives before the large secondary objects.
 
     Raises
     ------
@@ -154,13 +155,6 @@ def build_outputs(
     if found or settings.seg_when_empty == "empty":
         seg = build_seg(source, mask, algorithm=algorithm, uids=uids, settings=settings)
         out.append(BuiltOutput("seg", seg, "seg.dcm", {"mask_sum": int(mask.sum()), "frames": int(seg.NumberOfFrames)}))
-    if settings.anomaly_map != "none" and (found or settings.anomaly_map_when_empty):
-        amap = build_anomaly_map(source, prediction.anomaly_map, algorithm=algorithm, uids=uids, settings=settings)
-        if amap is not None:
-            out.append(BuiltOutput("map", amap, "map.dcm", {"frames": source.num_slices}))
-    if settings.overlay and found:
-        for i, img in enumerate(build_overlay(source, mask, uids=uids, settings=settings), start=1):
-            out.append(BuiltOutput("overlay", img, f"overlay-{i:04d}.dcm"))
     sr = build_sr(
         source,
         mask=mask,
@@ -172,6 +166,13 @@ def build_outputs(
         settings=settings,
     )
     out.append(BuiltOutput("sr", sr, "sr.dcm", {"findings": len(findings)}))
+    if settings.anomaly_map != "none" and (found or settings.anomaly_map_when_empty):
+        amap = build_anomaly_map(source, prediction.anomaly_map, algorithm=algorithm, uids=uids, settings=settings)
+        if amap is not None:
+            out.append(BuiltOutput("map", amap, "map.dcm", {"frames": source.num_slices}))
+    if settings.overlay and found:
+        for i, img in enumerate(build_overlay(source, mask, uids=uids, settings=settings), start=1):
+            out.append(BuiltOutput("overlay", img, f"overlay-{i:04d}.dcm"))
     return out
 
 
