@@ -4,9 +4,9 @@ pynetdicom's DUL thread polls its socket and its send queue, sleeping 1 ms
 whenever a loop finds nothing to do. Every C-STORE therefore waits up to a
 millisecond for its request to be picked up and again for its response to be
 sent: on a fast host that is most of a small instance's round trip
-(``benchmarks/pynetdicom_floor.py``: an SCP that stores nothing answers 335
-instances/s with the 1 ms sleep and 603/s with 0.1 ms, at the same CPU per
-instance). A shorter sleep costs CPU while a connection is idle (+7.6 % of a
+(``benchmarks/pynetdicom_floor.py``: an SCP that stores nothing answers 341
+instances/s with the 1 ms sleep and 625/s with this module, at the same CPU
+per instance). A shorter sleep costs CPU while a connection is idle (+7.6 % of a
 core per open association at 0.1 ms), so the loop sleeps the short interval
 only while data is arriving (less than :data:`ACTIVE_WINDOW` seconds since
 the DUL last received something) and pynetdicom's 1 ms otherwise. With
@@ -15,10 +15,11 @@ extra wake-up competes for the GIL with the handlers (4 associations: 229 ->
 195 instances/s when all four polled fast), so the short interval applies
 only while a single association is active.
 
-This relies on two pynetdicom internals that have been stable since 1.5:
-``DULServiceProvider._run_loop_delay`` (read on every loop) and the idle
-timer that the DUL restarts on every received PDU. When they are missing
-the association keeps pynetdicom's own polling.
+This relies on two pynetdicom 3.0 internals: ``DULServiceProvider.
+_run_loop_delay`` (read on every loop) and the idle timer that the DUL
+restarts on every received PDU. When they are missing (another version)
+the association keeps pynetdicom's own polling;
+``tests/test_dimse_ingest.py`` checks both behaviours.
 """
 
 from __future__ import annotations
