@@ -170,8 +170,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+COMBINE_WITH_CHOICES = ("intensity", "pixel_zscore", "feature")
+
+
 def _combine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--combine-with", choices=["intensity", "pixel_zscore", "feature"], default=None,
+    # = worker.engine.scoring.COMBINE_WITH, spelled out so that building the
+    # parser does not import scipy (tested equal)
+    p.add_argument("--combine-with", choices=list(COMBINE_WITH_CHOICES), default=None,
                    help="second term of the 'combined' scoring method (feature = feature-space residual)")
     p.add_argument("--combine-weight", type=float, default=None, help="weight of that term")
 

@@ -72,6 +72,13 @@ def test_calibrate_combined_with_feature_residual(tiny_ckpt: Path, tmp_path: Pat
                  "--out", str(tmp_path / "bad.pt")]) == 1
 
 
+def test_cli_combine_choices_are_the_scoring_ones() -> None:
+    from worker.cli import COMBINE_WITH_CHOICES
+    from worker.engine.scoring import COMBINE_WITH
+
+    assert COMBINE_WITH_CHOICES == COMBINE_WITH
+
+
 def test_bad_model_and_bad_config_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"nope")

@@ -283,7 +283,8 @@ def test_clean_mask_crop_matches_full_volume(seed: int) -> None:
 def test_fill_holes_3d_and_cross_closing_match_scipy(seed: int) -> None:
     from scipy import ndimage as ndi
 
-    from worker.engine.postprocess import _dilate_cross_2d, _erode_cross_2d, fill_holes_3d
+    from worker.engine.morphology import dilate_2d, erode_2d
+    from worker.engine.postprocess import fill_holes_3d
 
     rng = np.random.default_rng(seed)
     st = ndi.generate_binary_structure(2, 1)[None]
@@ -291,8 +292,11 @@ def test_fill_holes_3d_and_cross_closing_match_scipy(seed: int) -> None:
         m = ndi.gaussian_filter(rng.random(shape), 1.0) > rng.uniform(0.4, 0.6)
         m[:, 0, :] |= rng.random((shape[0], shape[2])) > 0.5  # touches a face
         assert np.array_equal(fill_holes_3d(m), ndi.binary_fill_holes(m)), shape
-        assert np.array_equal(_dilate_cross_2d(m), ndi.binary_dilation(m, structure=st)), shape
-        assert np.array_equal(_erode_cross_2d(m), ndi.binary_erosion(m, structure=st)), shape
+        assert np.array_equal(dilate_2d(m, square=False), ndi.binary_dilation(m, structure=st)), shape
+        assert np.array_equal(erode_2d(m, square=False), ndi.binary_erosion(m, structure=st)), shape
+        sq = np.ones((1, 3, 3), bool)
+        assert np.array_equal(erode_2d(m, square=True), ndi.binary_erosion(m, structure=sq)), shape
+        assert np.array_equal(dilate_2d(m, square=True), ndi.binary_dilation(m, structure=sq)), shape
     shell = np.zeros((7, 7, 7), bool)
     shell[1:6, 1:6, 1:6] = True
     shell[3, 3, 3] = False  # an enclosed cavity is filled

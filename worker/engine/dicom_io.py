@@ -126,11 +126,11 @@ def load_series_refs(paths: list[Path]) -> tuple[Volume, list[FrameRef]]:
     SeriesError
         When the files are unreadable, of different series, or inconsistent.
     """
-    vol, refs, _ = load_series_headers(paths, keep_headers=False)
+    vol, refs, _ = _load_series(paths, keep_headers=False)
     return vol, refs
 
 
-def load_series_headers(paths: list[Path], *, keep_headers: bool = True) -> tuple[Volume, list[FrameRef], list[Any]]:
+def load_series_headers(paths: list[Path]) -> tuple[Volume, list[FrameRef], list[Any]]:
     """Like :func:`load_series_refs`, also returning each file's header.
 
     The headers (pydicom data sets without Pixel Data, in the order of
@@ -142,6 +142,10 @@ def load_series_headers(paths: list[Path], *, keep_headers: bool = True) -> tupl
     SeriesError
         When the files are unreadable, of different series, or inconsistent.
     """
+    return _load_series(paths, keep_headers=True)
+
+
+def _load_series(paths: list[Path], *, keep_headers: bool) -> tuple[Volume, list[FrameRef], list[Any]]:
     import pydicom
 
     if not paths:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from .morphology import dilate_2d, erode_2d, fill_enclosed
 from .volume import Volume
 
 __all__ = ["Finding", "clean_mask", "extract_findings", "fill_holes_3d", "study_score"]
@@ -51,55 +52,9 @@ class Finding:
         return asdict(self)
 
 
-def _dilate_cross_2d(m: np.ndarray) -> np.ndarray:
-    """In-plane dilation with a 3 x 3 cross (``binary_dilation``, border 0)."""
-    out = m.copy()
-    out[:, 1:] |= m[:, :-1]
-    out[:, :-1] |= m[:, 1:]
-    out[:, :, 1:] |= m[:, :, :-1]
-    out[:, :, :-1] |= m[:, :, 1:]
-    return out
-
-
-def _erode_cross_2d(m: np.ndarray) -> np.ndarray:
-    """In-plane erosion with a 3 x 3 cross (``binary_erosion``, pixels outside count as 0)."""
-    out = m.copy()
-    out[:, 1:] &= m[:, :-1]
-    out[:, :-1] &= m[:, 1:]
-    out[:, :, 1:] &= m[:, :, :-1]
-    out[:, :, :-1] &= m[:, :, 1:]
-    out[:, 0] = out[:, -1] = False
-    out[:, :, 0] = out[:, :, -1] = False
-    return out
-
-
 def fill_holes_3d(mask: np.ndarray) -> np.ndarray:
-    """``scipy.ndimage.binary_fill_holes`` (6-connected background) by one labelling.
-
-    Background components that touch no face of the array are holes. One
-    labelling replaces scipy's iterated dilation from the border (about 2x
-    faster on a 400-slice mask).
-
-    Parameters
-    ----------
-    mask:
-        Boolean 3D array.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``mask`` with every enclosed background region set.
-    """
-    m = np.asarray(mask, bool)
-    lab, n = ndi.label(~m)
-    if n == 0:
-        return m.copy()
-    outside = np.zeros(n + 1, bool)
-    for axis in range(3):
-        for end in (0, -1):
-            outside[np.unique(np.take(lab, end, axis=axis))] = True
-    outside[0] = True  # label 0 is the mask itself
-    return m | ~outside[lab]
+    """``scipy.ndimage.binary_fill_holes`` (6-connected background) in one labelling pass."""
+    return fill_enclosed(mask, ndi.generate_binary_structure(3, 1), border_axes=(0, 1, 2))
 
 
 def clean_mask(
@@ -142,7 +97,7 @@ def clean_mask(
     sub = np.pad(m[box], 1)
     if closing:
         # scipy's binary_closing with the in-plane cross, as shifted views
-        closed = _erode_cross_2d(_dilate_cross_2d(np.pad(sub, 1)))
+        closed = erode_2d(dilate_2d(np.pad(sub, 1), square=False), square=False)
         sub = closed[1:-1, 1:-1, 1:-1] | sub
     if fill_holes:
         sub = fill_holes_3d(sub)

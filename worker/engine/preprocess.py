@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from .morphology import dilate_2d, erode_2d, fill_enclosed
 from .volume import Volume
 
 __all__ = [
@@ -135,84 +136,28 @@ def fill_holes_2d(mask: np.ndarray) -> np.ndarray:
     Background regions (4-connected within a slice) that do not touch the
     slice border are holes. One labelling of the whole volume replaces the
     iterative per-slice propagation (0.53 s → ~0.1 s for 200 × 256²).
-
-    Parameters
-    ----------
-    mask:
-        Boolean ``(z, y, x)`` array.
-
-    Returns
-    -------
-    numpy.ndarray
-        Boolean array with every in-plane hole filled.
     """
-    m = np.asarray(mask, bool)
     st = np.zeros((3, 3, 3), bool)
     st[1] = ndi.generate_binary_structure(2, 1)
-    lab, n = ndi.label(~m, structure=st)
-    if n == 0:
-        return m.copy()
-    outside = np.zeros(n + 1, bool)
-    for edge in (lab[:, 0, :], lab[:, -1, :], lab[:, :, 0], lab[:, :, -1]):
-        outside[np.unique(edge)] = True
-    outside[0] = True  # label 0 is the mask itself
-    return m | ~outside[lab]
+    return fill_enclosed(mask, st, border_axes=(1, 2))
 
 
 def open_2d(mask: np.ndarray) -> np.ndarray:
     """In-plane binary opening with a 3 x 3 square, slice by slice.
 
     Equal to ``scipy.ndimage.binary_opening(mask, structure=np.ones((1, 3, 3)))``
-    (pixels beyond the slice border count as background), computed as
-    separable row and column minima/maxima of shifted views: about 8x faster
-    on a 400 x 256 x 256 series.
-
-    Parameters
-    ----------
-    mask:
-        Boolean ``(z, y, x)`` array.
-
-    Returns
-    -------
-    numpy.ndarray
-        The opened boolean mask.
+    (pixels beyond the slice border count as background), from shifted views
+    (:mod:`.morphology`): about 8x faster on a 400 x 256 x 256 series.
     """
-    m = np.asarray(mask, bool)
-    if m.shape[1] < 3 or m.shape[2] < 3:
-        return ndi.binary_opening(m, structure=np.ones((1, 3, 3), bool))
-    # Erosion: a pixel survives when its 3 x 3 neighbourhood (inside the slice) is set.
-    e = np.zeros_like(m)
-    np.logical_and(m[:, :, :-2], m[:, :, 1:-1], out=e[:, :, 1:-1])
-    e[:, :, 1:-1] &= m[:, :, 2:]
-    e2 = np.zeros_like(m)
-    np.logical_and(e[:, :-2], e[:, 1:-1], out=e2[:, 1:-1])
-    e2[:, 1:-1] &= e[:, 2:]
-    # Dilation of the eroded mask with the same square.
-    d = e2.copy()
-    d[:, :, 1:] |= e2[:, :, :-1]
-    d[:, :, :-1] |= e2[:, :, 1:]
-    out = d.copy()
-    out[:, 1:] |= d[:, :-1]
-    out[:, :-1] |= d[:, 1:]
-    return out
-
-
-def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
-    """Bounding box of a non-empty mask: exact in z, ``margin`` pixels in-plane (clipped)."""
-    box = []
-    for axis, pad in ((0, 0), (1, margin), (2, margin)):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        box.append(slice(max(int(idx[0]) - pad, 0), min(int(idx[-1]) + 1 + pad, mask.shape[axis])))
-    return box[0], box[1], box[2]
+    return dilate_2d(erode_2d(mask, square=True), square=True)
 
 
 def foreground_mask(array: np.ndarray, modality: str, cfg: PreprocessConfig) -> np.ndarray:
     """Body/head mask on the source grid.
 
-    The clean-up runs on the thresholded mask's bounding box with a one-pixel
-    margin, which gives the same result as on the whole volume (every step is
-    in-plane except the largest component, which cannot extend past it).
+    The clean-up runs on the thresholded mask's bounding box, which gives the
+    same result as on the whole volume (every step is in-plane except the
+    largest component, which cannot extend past it).
 
     Parameters
     ----------
@@ -241,7 +186,10 @@ def foreground_mask(array: np.ndarray, modality: str, cfg: PreprocessConfig) -> 
         m = array > cfg.fg_fraction * hi if hi > 0 else array > 0
     if not m.any():
         raise PreprocessError("empty foreground: no voxel above the foreground threshold")
-    box = _bbox(m, margin=1)
+    # Outside the bounding box everything is background, so the in-plane
+    # steps and the largest component give there what they give on the
+    # whole volume (tested); clean_mask crops the same way.
+    box = ndi.find_objects(m.view(np.uint8))[0]
     sub = open_2d(m[box])
     if not sub.any():
         raise PreprocessError("empty foreground after opening")
