@@ -509,16 +509,17 @@ def worker_process(config: Path, log_file: Path, queues: str = "gpu,io",
         logf.close()
 
 
-def export_tree(rev: str) -> Path:
-    """``pacs_node`` as of git ``rev``, extracted under ``out/src-<rev>`` (put it first on PYTHONPATH to
-    run a node of that revision next to the current one, in the same benchmark run)."""
+def export_tree(rev: str, parts: Sequence[str] = ("pacs_node", "alembic")) -> Path:
+    """``parts`` of the repository as of git ``rev``, extracted under ``out/src-<rev>`` (put it first on
+    PYTHONPATH to run that revision next to the current one, in the same benchmark run)."""
     sha = _run_text(["git", "-C", str(REPO), "rev-parse", "--short", rev])
     if not sha:
         raise ValueError(f"unknown git revision {rev!r}")
     dest = OUT_DIR / f"src-{sha}"
-    if not (dest / "pacs_node" / "__init__.py").exists():
+    missing = [p for p in parts if not (dest / p).exists()]
+    if missing:
         dest.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "pacs_node", "alembic"],
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, *missing],
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return dest

@@ -8,6 +8,11 @@ the checkpoint's own residual method is evaluated alongside. Writes
 ``benchmarks/results/engine-scoring.json``.
 
     python benchmarks/engine_scoring.py [--model PATH] [--with feature] [--weights 0.25,0.5,1.0]
+    python benchmarks/engine_scoring.py --tta --out benchmarks/results/engine-tta.json
+
+``--tta`` instead compares the checkpoint's own method without and with
+flip test-time augmentation (``scoring.tta``: the reconstruction averaged
+with that of the left-right mirrored input), each recalibrated.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=REPO / "pacs_node" / "data" / "demo-model.pt")
     ap.add_argument("--with", dest="combine_with", default="feature", choices=["feature", "intensity", "pixel_zscore"])
     ap.add_argument("--weights", default="0.25,0.5,1.0")
+    ap.add_argument("--tta", action="store_true", help="compare scoring.tta off/on instead of combine weights")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "engine-scoring.json")
     args = ap.parse_args(argv)
     from worker.engine.calibrate import calibrate
@@ -46,12 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     select = synthetic_cases("select", 10, 0)
     test = synthetic_test_set()
     rows = []
-    for w in (float(x) for x in args.weights.split(",")):
+    variants: list[dict] = ([{"tta": False}, {"tta": True}] if args.tta else
+                            [{"combine_with": args.combine_with, "combine_weight": float(w)}
+                             for w in args.weights.split(",")])
+    for v in variants:
         t0 = time.monotonic()
         p = Predictor.from_checkpoint(args.model, device="cpu")
-        p.scoring = replace(p.scoring, combine_with=args.combine_with, combine_weight=w)
-        calibrate(p, cal, method="combined")
-        row: dict = {"combine_with": args.combine_with, "weight": w}
+        p.scoring = replace(p.scoring, **v)
+        calibrate(p, cal, method=None if args.tta else "combined")
+        row: dict = dict(v) if args.tta else {"combine_with": args.combine_with, "weight": v["combine_weight"]}
         for name, cases in (("selection", select), ("test", test)):
             res = evaluate(p, cases, compare_methods=True)["methods"]
             row[name] = {m: _pair(r) for m, r in res.items()}

@@ -6,8 +6,9 @@ millisecond for its request to be picked up and again for its response to be
 sent: on a fast host that is most of a small instance's round trip
 (``benchmarks/pynetdicom_floor.py``: an SCP that stores nothing answers 341
 instances/s with the 1 ms sleep and 625/s with this module, at the same CPU
-per instance). A shorter sleep costs CPU while a connection is idle (+7.6 % of a
-core per open association at 0.1 ms), so the loop sleeps the short interval
+per instance). A shorter sleep costs CPU while a connection is idle (a fixed
+0.1 ms: +9 % of a core per open association, ``pynetdicom_floor.py --idle``),
+so the loop sleeps the short interval
 only while data is arriving (less than :data:`ACTIVE_WINDOW` seconds since
 the DUL last received something) and pynetdicom's 1 ms otherwise. With
 several associations moving data at once the node is CPU-bound and every
