@@ -65,6 +65,15 @@ class Prediction:
         Calibrated threshold on the raw score of the checkpoint's method.
     timings:
         Seconds spent in ``preprocess``, ``inference`` and ``postprocess``.
+    domain:
+        The series checked against what the model was trained and calibrated
+        on (:func:`~worker.engine.domain.check_domain`)::
+
+            {"in_domain": bool,
+             "warnings": ["slice thickness 8.0 mm is outside the training range 1.0-6.0 mm", ...],
+             "checks": {"slice_thickness_mm": {"value": 8.0, "range": [1.0, 6.0], "ok": False}, ...}}
+
+        Empty for checkpoints that carry no training-domain record.
     """
 
     mask: np.ndarray
@@ -73,6 +82,7 @@ class Prediction:
     study_score: float
     threshold: float
     timings: dict[str, float] = field(default_factory=dict)
+    domain: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
