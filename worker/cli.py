@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "cmd_train", "cmd_calibrate", "cmd_evaluate"]
+__all__ = ["register", "cmd_train", "cmd_calibrate", "cmd_evaluate", "DEMO_DEFAULTS", "DEMO_FAST_DEFAULTS"]
 
 log = logging.getLogger(__name__)
 
@@ -31,84 +31,176 @@ def _threads(args: argparse.Namespace, settings: Any) -> None:
     set_threads(getattr(args, "threads", None) or settings.num_threads or None)
 
 
-def _add_data(p: argparse.ArgumentParser, masks: bool = False) -> None:
+# = what worker.engine.demo.demo_config() gives (DEMO_FAST_DEFAULTS: the values
+# demo_config(fast=True) changes), spelled out so that building the parser
+# does not import torch (tested equal)
+DEMO_DEFAULTS: dict[str, Any] = {
+    "epochs": 16, "steps_per_epoch": 100, "batch_size": 16, "lr": 2e-3, "objective": "dae", "loss": "mse",
+    "local_prob": 0.5, "depth": 4, "base": 16, "norm": "group", "context": 1, "size": 64,
+    "combine_with": "intensity", "combine_weight": 0.5,
+}
+DEMO_FAST_DEFAULTS: dict[str, Any] = {"epochs": 3, "steps_per_epoch": 40}
+
+MIN_TRAIN, MIN_VAL, MIN_CAL = 2, 1, 1
+
+SCORING_AUTO_HELP = "auto: choose between residual and combined on held-out normals with injected synthetic lesions"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Append ``(default: X)`` to every option, except flags, options without a
+    value (``None``: the help says where the value comes from) and help texts
+    that state their default themselves."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is None or isinstance(action.default, bool):
+            return text
+        return super()._get_help_string(action) or text
+
+
+def _engine_defaults() -> dict[str, Any]:
+    # pydantic only (already imported by the node CLI); no torch, no scipy
+    from worker.engine.settings import EngineSettings
+
+    return {k: f.default for k, f in EngineSettings.model_fields.items()}
+
+
+def _demo(key: str) -> str:
+    """``(default: ...)`` text of a training option that defaults to the demo configuration."""
+    fast = f"; {DEMO_FAST_DEFAULTS[key]} with --fast" if key in DEMO_FAST_DEFAULTS else ""
+    return f"(default: {DEMO_DEFAULTS[key]}, from the demo configuration{fast})"
+
+
+def _add_data(p: argparse.ArgumentParser, eng: dict[str, Any], *, masks: bool = False,
+              seed_help: str = "random seed") -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--synthetic", action="store_true", help="use the built-in synthetic phantoms")
     src.add_argument("--data", type=Path, metavar="DIR", help="directory of DICOM series")
     if masks:
         p.add_argument("--masks", type=Path, metavar="DIR",
-                       help="ground-truth masks named <SeriesInstanceUID>.(nii.gz|nii|mha|nrrd); series without one count as normal")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda (default: engine.device)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: engine.num_threads)")
-    p.add_argument("--seed", type=int, default=0)
+                       help="ground-truth masks named <SeriesInstanceUID>.(nii.gz|nii|mha|nrrd); series without one "
+                            "count as normal (default: none; required with --data, unused with --synthetic)")
+    p.add_argument("--device", default=None,
+                   help=f"auto, cpu, cuda, cuda:N (default: [engine] device, {eng['device']!r} unless configured)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch CPU threads (default: [engine] num_threads, {eng['num_threads']} unless configured; "
+                        "0 = $PACS_NODE_THREADS, else all cores)")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
 
 
 def register(subparsers: Any) -> None:
     """Add the ``train``, ``calibrate`` and ``evaluate`` subcommands.
+
+    Building the parser imports neither torch nor scipy: the defaults the help
+    quotes come from :class:`~worker.engine.settings.EngineSettings` and
+    from :data:`DEMO_DEFAULTS`.
 
     Parameters
     ----------
     subparsers:
         The object returned by ``ArgumentParser.add_subparsers()``.
     """
-    p = subparsers.add_parser("train", help="train an anomaly model on normal images",
-                              description="Train a U-Net on normal studies, calibrate it on held-out normals, save one checkpoint.")
-    _add_data(p)
+    eng = _engine_defaults()
+    p = subparsers.add_parser("train", help="train an anomaly model on normal images", formatter_class=_HelpFormatter,
+                              description="Train a U-Net on normal studies, calibrate it on held-out normals, save one "
+                                          "checkpoint. Training length counts epochs and steps, never seconds.")
+    _add_data(p, eng, seed_help="seed of the training / validation / calibration split of --data and of training")
     p.add_argument("--out", type=Path, required=True, metavar="MODEL", help="checkpoint file to write")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--steps-per-epoch", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget for training")
-    p.add_argument("--objective", choices=["dae", "ae"], default=None)
-    p.add_argument("--loss", choices=["mse", "l1"], default=None)
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs {_demo('epochs')}")
+    p.add_argument("--steps-per-epoch", type=int, default=None,
+                   help=f"batches per epoch {_demo('steps_per_epoch')}")
+    p.add_argument("--batch-size", type=int, default=None, help=f"slices per training batch {_demo('batch_size')}")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate {_demo('lr')}")
+    p.add_argument("--objective", choices=["dae", "ae"], default=None,
+                   help=f"dae = denoising autoencoder, ae = plain autoencoder {_demo('objective')}")
+    p.add_argument("--loss", choices=["mse", "l1"], default=None, help=f"reconstruction loss {_demo('loss')}")
     p.add_argument("--local-prob", type=float, default=None,
-                   help="share of training samples that also get local corruptions (0 = coarse noise only)")
-    p.add_argument("--depth", type=int, default=None)
-    p.add_argument("--base", type=int, default=None, help="channels of the first U-Net level")
-    p.add_argument("--norm", choices=["group", "instance", "none"], default=None)
-    p.add_argument("--context", type=int, default=None, help="neighbour slices per side (2.5D)")
-    p.add_argument("--size", type=int, default=None, help="model in-plane size (square)")
+                   help="share of training samples that also get local corruptions, 0 = coarse noise only "
+                        f"{_demo('local_prob')}")
+    p.add_argument("--depth", type=int, default=None, help=f"U-Net resolution levels {_demo('depth')}")
+    p.add_argument("--base", type=int, default=None, help=f"channels of the first U-Net level {_demo('base')}")
+    p.add_argument("--norm", choices=["group", "instance", "none"], default=None,
+                   help=f"normalisation layers {_demo('norm')}")
+    p.add_argument("--context", type=int, default=None, help=f"neighbour slices per side, 2.5D {_demo('context')}")
+    p.add_argument("--size", type=int, default=None,
+                   help=f"model in-plane size (square, divisible by 2^(depth-1)) {_demo('size')}")
     p.add_argument("--scoring", choices=["residual", "ssim", "combined", "auto"], default="auto",
-                   help="auto: choose residual/combined on synthetic validation anomalies (synthetic only)")
-    _combine_args(p)
-    p.add_argument("--fast", action="store_true", help="quick, weaker synthetic build for smoke tests")
+                   help=f"scoring method; {SCORING_AUTO_HELP}; a non-empty [engine] scoring replaces auto")
+    _combine_args(p, demo=True)
+    p.add_argument("--fast", action="store_true",
+                   help="quick, weaker build for smoke tests (fewer epochs and steps; fewer synthetic volumes)")
     p.add_argument("--resume", action="store_true", help="continue from MODEL.state")
-    p.add_argument("--name", default=None, help="model name stored in the checkpoint")
+    p.add_argument("--name", default=None,
+                   help="model name stored in the checkpoint (default: synthetic-demo with --synthetic, "
+                        "local-<DIR name> with --data)")
     p.set_defaults(func=cmd_train)
 
-    p = subparsers.add_parser("calibrate", help="calibrate the anomaly threshold on normal studies")
-    p.add_argument("--model", type=Path, required=True, metavar="MODEL")
-    _add_data(p)
-    p.add_argument("--target-fpr", type=float, default=None)
-    p.add_argument("--method", choices=["residual", "ssim", "combined"], default=None)
-    p.add_argument("--polarity", choices=["bright", "dark", "both"], default=None)
-    _combine_args(p)
-    p.add_argument("--out", type=Path, default=None, metavar="MODEL", help="write here instead of updating MODEL")
+    p = subparsers.add_parser("calibrate", help="calibrate the anomaly threshold on normal studies",
+                              formatter_class=_HelpFormatter,
+                              description="Set the threshold of every scoring method and baseline on normal studies.")
+    p.add_argument("--model", type=Path, required=True, metavar="MODEL", help="checkpoint to calibrate")
+    _add_data(p, eng, seed_help="unused: the synthetic calibration phantoms have fixed seeds")
+    p.add_argument("--target-fpr", type=float, default=None,
+                   help="voxel false-positive rate on the normals the threshold is set at "
+                        f"(default: [engine] target_fpr, {eng['target_fpr']} unless configured)")
+    p.add_argument("--method", choices=["residual", "ssim", "combined"], default=None,
+                   help="scoring method (default: [engine] scoring when set, else the checkpoint's)")
+    p.add_argument("--polarity", choices=["bright", "dark", "both"], default=None,
+                   help="intensity tail of the intensity / pixel_zscore terms (default: the checkpoint's)")
+    _combine_args(p, demo=False)
+    p.add_argument("--out", type=Path, default=None, metavar="MODEL",
+                   help="write here instead of updating MODEL (default: update MODEL in place)")
     p.set_defaults(func=cmd_calibrate)
 
-    p = subparsers.add_parser("evaluate", help="evaluate a model and the baselines against ground truth")
-    p.add_argument("--model", type=Path, required=True, metavar="MODEL")
-    _add_data(p, masks=True)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--plots", type=Path, default=None, metavar="DIR", help="write ROC/PR curves and overlays")
+    p = subparsers.add_parser("evaluate", help="evaluate a model and the baselines against ground truth",
+                              formatter_class=_HelpFormatter,
+                              description="Voxel, study and normal-study false-positive metrics of the model and of "
+                                          "the baselines.")
+    p.add_argument("--model", type=Path, required=True, metavar="MODEL", help="checkpoint to evaluate")
+    _add_data(p, eng, masks=True, seed_help="unused: the synthetic test set has fixed seeds")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--plots", type=Path, default=None, metavar="DIR",
+                   help="write ROC/PR curves and overlays there (default: no plots)")
     p.add_argument("--n-abnormal", type=int, default=24, help="synthetic abnormal test studies")
     p.add_argument("--n-normal", type=int, default=6, help="synthetic normal test studies")
     p.set_defaults(func=cmd_evaluate)
 
 
 def _split(vols: list[Any], seed: int) -> tuple[list[Any], list[Any], list[Any]]:
+    """Split normal series into training, validation and calibration sets.
+
+    About 15 % of the series each go to validation and calibration (at least
+    one each), the rest, at least two, to training.
+
+    Parameters
+    ----------
+    vols:
+        The normal series.
+    seed:
+        Seed of the random assignment.
+
+    Returns
+    -------
+    tuple
+        ``(training, validation, calibration)``, disjoint, together ``vols``.
+
+    Raises
+    ------
+    ValueError
+        With fewer than ``MIN_TRAIN + MIN_VAL + MIN_CAL`` (4) series; the
+        message names the counts needed and found.
+    """
     import numpy as np
 
-    if len(vols) < 3:
-        raise ValueError(f"need at least 3 normal series (training, validation, calibration), found {len(vols)}")
-    order = np.random.default_rng(seed).permutation(len(vols))
-    n_hold = max(1, round(0.15 * len(vols)))
+    n, need = len(vols), MIN_TRAIN + MIN_VAL + MIN_CAL
+    if n < need:
+        raise ValueError(f"training on --data needs at least {need} normal series ({MIN_TRAIN} training, "
+                         f"{MIN_VAL} validation, {MIN_CAL} calibration), found {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_hold = min(max(MIN_VAL, MIN_CAL, round(0.15 * n)), (n - MIN_TRAIN) // 2)
     val = [vols[i] for i in order[:n_hold]]
     cal = [vols[i] for i in order[n_hold:2 * n_hold]]
     tr = [vols[i] for i in order[2 * n_hold:]]
-    if not tr:
-        raise ValueError("not enough series left for training")
     return tr, val, cal
 
 
@@ -130,8 +222,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = demo_config(args.fast)
     t = cfg.train
     over = {k: v for k, v in {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "batch_size": args.batch_size,
-                              "lr": args.lr, "max_minutes": args.max_minutes, "objective": args.objective,
-                              "loss": args.loss, "local_prob": args.local_prob}.items() if v is not None}
+                              "lr": args.lr, "objective": args.objective, "loss": args.loss,
+                              "local_prob": args.local_prob}.items() if v is not None}
     cfg.train = replace(t, seed=args.seed, amp=st.amp, **over)
     cfg.unet = replace(cfg.unet, **{k: v for k, v in {"depth": args.depth, "base": args.base, "norm": args.norm}.items() if v is not None})
     pp = {"ct_window": tuple(st.ct_window), "mr_method": st.mr_method}
@@ -173,12 +265,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 COMBINE_WITH_CHOICES = ("intensity", "pixel_zscore", "feature")
 
 
-def _combine_args(p: argparse.ArgumentParser) -> None:
+def _combine_args(p: argparse.ArgumentParser, demo: bool) -> None:
+    """``--combine-with`` / ``--combine-weight``, defaulting to the demo configuration (``demo``) or the checkpoint."""
     # = worker.engine.scoring.COMBINE_WITH, spelled out so that building the
     # parser does not import scipy (tested equal)
+    def default(key: str) -> str:
+        return _demo(key) if demo else "(default: the checkpoint's)"
+
     p.add_argument("--combine-with", choices=list(COMBINE_WITH_CHOICES), default=None,
-                   help="second term of the 'combined' scoring method (feature = feature-space residual)")
-    p.add_argument("--combine-weight", type=float, default=None, help="weight of that term")
+                   help="second term of the 'combined' scoring method (feature = feature-space residual) "
+                        + default("combine_with"))
+    p.add_argument("--combine-weight", type=float, default=None,
+                   help="weight of that term " + default("combine_weight"))
 
 
 def _combine_over(args: argparse.Namespace) -> dict[str, Any]:
@@ -283,9 +381,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res, sort_keys=True))
     else:
-        rows = [("U-Net (" + res["method"] + ")", res)] + [(f"{n} ({r['polarity']})", r) for n, r in res["baselines"].items()]
-        cols = ("auroc", "auprc", "dice", "sensitivity", "specificity", "precision", "study_auroc")
-        print(f"{'method':28s} " + " ".join(f"{c:>11s}" for c in cols))
-        for name, r in rows:
-            print(f"{name:28s} " + " ".join(f"{r[c]:11.4f}" if r[c] is not None else f"{'-':>11s}" for c in cols))
+        print(_table(res))
     return 0
+
+
+TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("auroc", "auroc"), ("auprc", "auprc"), ("dice", "dice"), ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"), ("precision", "precision"), ("study_auroc", "study_auroc"),
+    ("normal_fp_ml_median", "FP mL med"), ("normal_any_finding_share", "FP normals"),
+)
+
+
+def _table(res: dict[str, Any]) -> str:
+    """The text table of ``pacs-node evaluate``: the U-Net, then each baseline, one row each."""
+    rows = [("U-Net (" + res["method"] + ")", res)]
+    rows += [(f"{n} ({r['polarity']})", r) for n, r in res["baselines"].items()]
+    lines = [f"{'method':28s} " + " ".join(f"{h:>11s}" for _, h in TABLE_COLUMNS)]
+    for name, r in rows:
+        lines.append(f"{name:28s} " + " ".join(f"{r[c]:11.4f}" if r.get(c) is not None else f"{'-':>11s}"
+                                              for c, _ in TABLE_COLUMNS))
+    lines.append(f"FP mL med: median false-positive volume (mL) per normal study; FP normals: share of normal studies "
+                 f"with any finding ({res.get('n_normal', 0)} normal, {res['n_abnormal']} abnormal studies)")
+    return "\n".join(lines)

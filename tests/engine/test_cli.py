@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,11 +15,16 @@ from worker.cli import register
 from worker.engine.settings import EngineSettings, load_engine_settings
 
 
-def _run(argv: list[str]) -> int:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="pacs-node")
     parser.add_argument("--config", default=None)
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    return parser, dict(sub.choices)
+
+
+def _run(argv: list[str]) -> int:
+    args = _parser()[0].parse_args(argv)
     return args.func(args)
 
 
@@ -30,6 +38,12 @@ def test_evaluate_json(tiny_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFi
         assert key in out["baseline"]
     assert out["baseline"]["name"] in ("intensity", "pixel_zscore")
     assert 0.0 <= out["auroc"] <= 1.0 and out["n_studies"] == 3
+    for key in ("normal_fp_ml_mean", "normal_fp_ml_median", "normal_fp_ml_p95", "normal_any_finding_share",
+                "normal_voxel_fpr", "dice_per_study_mean"):
+        for r in (out, out["baselines"]["intensity"], out["baselines"]["pixel_zscore"], out["baseline"]):
+            assert isinstance(r[key], float) and r[key] >= 0.0
+    assert out["n_normal"] == 1 and out["normal_any_finding_share"] in (0.0, 1.0)
+    assert 0.0 <= out["normal_voxel_fpr"] <= 1.0
     assert {"roc.png", "pr.png", "overlay_0.png"} <= {p.name for p in (tmp_path / "plots").iterdir()}
 
 
@@ -164,3 +178,134 @@ def test_train_and_evaluate_on_dicom_directories(tmp_path: Path, capsys: pytest.
     assert out["n_studies"] == 2 and out["n_abnormal"] == 1
     assert out["model"]["name"] == "local-normals"
     assert _run(["evaluate", "--model", str(model), "--data", str(tests)]) == 2  # --masks required with --data
+
+
+def _flat_help(p: argparse.ArgumentParser) -> str:
+    return " ".join(p.format_help().split())
+
+
+def test_help_shows_every_default() -> None:
+    _, subs = _parser()
+    for name in ("train", "calibrate", "evaluate"):
+        p = subs[name]
+        fmt = p._get_formatter()
+        one_of = {a for g in p._mutually_exclusive_groups if g.required for a in g._group_actions}
+        for a in p._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            text = fmt._get_help_string(a) or ""  # what --help prints for the option
+            assert text, f"{name} {a.option_strings}: no help"
+            if a.required or a in one_of or isinstance(a.default, bool):
+                continue  # required options (--synthetic or --data) and flags have no default
+            assert "(default: " in text, f"{name} {a.option_strings}: no default in {text!r}"
+        assert "None" not in p.format_help()
+    train, cal, ev = (_flat_help(subs[n]) for n in ("train", "calibrate", "evaluate"))
+    assert "training epochs (default: 16, from the demo configuration; 3 with --fast)" in train
+    assert "batches per epoch (default: 100, from the demo configuration; 40 with --fast)" in train
+    assert "(default: 0.002, from the demo configuration)" in train and "(default: 64, from the demo" in train
+    assert ("auto: choose between residual and combined on held-out normals with injected synthetic lesions" in train
+            and "(default: auto)" in train)
+    assert "(default: synthetic-demo with --synthetic, local-<DIR name> with --data)" in train
+    eng = EngineSettings()
+    for text in (train, cal, ev):
+        assert f"(default: [engine] device, {eng.device!r} unless configured)" in text
+        assert f"(default: [engine] num_threads, {eng.num_threads} unless configured;" in text
+    assert f"(default: [engine] target_fpr, {eng.target_fpr} unless configured)" in cal
+    assert "(default: the checkpoint's)" in cal and "(default: update MODEL in place)" in cal
+    assert "synthetic abnormal test studies (default: 24)" in ev and "(default: no plots)" in ev
+
+
+def test_cli_demo_defaults_are_the_demo_configuration() -> None:
+    from worker.cli import DEMO_DEFAULTS, DEMO_FAST_DEFAULTS
+    from worker.engine.demo import demo_config
+
+    def flat(fast: bool) -> dict[str, Any]:
+        cfg = demo_config(fast)
+        assert cfg.preprocess.size[0] == cfg.preprocess.size[1]
+        t, u, s = cfg.train, cfg.unet, cfg.scoring
+        return {"epochs": t.epochs, "steps_per_epoch": t.steps_per_epoch, "batch_size": t.batch_size, "lr": t.lr,
+                "objective": t.objective, "loss": t.loss, "local_prob": t.local_prob, "depth": u.depth,
+                "base": u.base, "norm": u.norm, "context": cfg.preprocess.context, "size": cfg.preprocess.size[0],
+                "combine_with": s.combine_with, "combine_weight": s.combine_weight}
+
+    assert flat(False) == DEMO_DEFAULTS
+    assert {k: v for k, v in flat(True).items() if v != DEMO_DEFAULTS[k]} == DEMO_FAST_DEFAULTS
+
+
+def test_building_the_parser_imports_neither_torch_nor_scipy() -> None:
+    code = ("import argparse, sys\n"
+            "from worker.cli import register\n"
+            "sub = argparse.ArgumentParser().add_subparsers()\n"
+            "register(sub)\n"
+            "for p in sub.choices.values(): p.format_help()\n"
+            "print(sorted(m for m in ('torch', 'scipy') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]"
+
+
+def test_train_has_no_wall_clock_budget(capsys: pytest.CaptureFixture[str]) -> None:
+    parser, subs = _parser()
+    assert "minutes" not in subs["train"].format_help()
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["train", "--synthetic", "--out", "m.pt", "--max-minutes", "5"])
+    assert exc.value.code == 2 and "--max-minutes" in capsys.readouterr().err
+
+
+def test_split_guarantees_two_training_one_validation_one_calibration_series() -> None:
+    from worker.cli import _split
+
+    for n in range(4):
+        with pytest.raises(ValueError, match=rf"at least 4 normal series \(2 training, 1 validation, 1 calibration\), "
+                                             rf"found {n}$"):
+            _split(list(range(n)), 0)
+    for n in range(4, 41):
+        for seed in (0, 1):
+            tr, val, cal = _split(list(range(n)), seed)
+            assert len(tr) >= 2 and len(val) >= 1 and len(cal) >= 1, (n, seed)
+            assert sorted(tr + val + cal) == list(range(n))
+    assert [len(x) for x in _split(list(range(4)), 0)] == [2, 1, 1]
+    assert [len(x) for x in _split(list(range(20)), 0)] == [14, 3, 3]
+
+
+def test_train_on_too_few_series_fails_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import worker.engine.pipeline as pipeline
+
+    def no_fit(*args: object, **kwargs: object) -> None:
+        raise AssertionError("training started on an impossible split")
+
+    monkeypatch.setattr(pipeline, "fit", no_fit)
+    normals = tmp_path / "normals"
+    normals.mkdir()
+    for seed in range(3):
+        _write_mr_series(normals, seed, anomalous=False)
+    model = tmp_path / "m.pt"
+    assert _run(["train", "--data", str(normals), "--out", str(model), "--epochs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "at least 4 normal series (2 training, 1 validation, 1 calibration), found 3" in err
+    assert not model.exists() and not (tmp_path / "m.pt.state").exists()
+
+
+def test_evaluate_table_columns(tiny_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.cli import _table
+
+    res = {"method": "residual", "n_abnormal": 2, "n_normal": 4, "auroc": 0.9, "auprc": 0.5, "dice": 0.25,
+           "sensitivity": 0.5, "specificity": 0.99, "precision": 0.4, "study_auroc": None,
+           "normal_fp_ml_median": 1.25, "normal_any_finding_share": 0.75,
+           "baselines": {"intensity": {"polarity": "bright", "auroc": 0.6, "auprc": 0.1, "dice": 0.05,
+                                       "sensitivity": 0.1, "specificity": 0.9, "precision": 0.05,
+                                       "study_auroc": 0.5, "normal_fp_ml_median": None,
+                                       "normal_any_finding_share": 1.0}}}
+    lines = _table(res).splitlines()
+    assert lines[0].split()[-4:] == ["mL", "med", "FP", "normals"]
+    assert lines[1].split()[-3:] == ["-", "1.2500", "0.7500"]
+    assert lines[2].split()[-3:] == ["0.5000", "-", "1.0000"]
+    assert "(4 normal, 2 abnormal studies)" in lines[-1]
+
+    assert _run(["evaluate", "--model", str(tiny_ckpt), "--synthetic", "--n-abnormal", "1", "--n-normal", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "FP mL med" in out[0] and "FP normals" in out[0]
+    unet = out[1].split()
+    assert unet[0] == "U-Net" and len(unet) == 2 + 9 and unet[-1] in ("0.0000", "1.0000")
+    assert "(1 normal, 1 abnormal studies)" in out[-1]

@@ -4,6 +4,12 @@ Every method runs through the same smoothing, foreground restriction, 3D
 post-processing and calibrated-threshold decision. Voxel metrics are computed
 over the head foreground of every study (plus any ground-truth voxel outside
 it); the study-level AUROC uses normal and abnormal studies.
+
+False positives on normal studies are reported as metrics of their own (the
+``normal_*`` keys of :func:`evaluate`): the post-processed false-positive
+volume per normal study, the share of normal studies with any finding, and
+the voxel false-positive rate before post-processing that the threshold is
+calibrated for.
 """
 
 from __future__ import annotations
@@ -78,8 +84,58 @@ class EvalOutputs:
         return np.concatenate(self.scores[key]), np.concatenate(self.truth)
 
 
+def _normal_fp(scores: list[np.ndarray], mask_ml: list[float], normal: list[bool],
+               threshold: float) -> dict[str, Any]:
+    """False-positive metrics over the normal studies (``None`` values when there are none)."""
+    ml = np.asarray([v for v, n in zip(mask_ml, normal) if n], np.float64)
+    out: dict[str, Any] = {"n_normal": int(ml.size)}
+    if not ml.size:
+        out.update(dict.fromkeys(("normal_fp_ml_mean", "normal_fp_ml_median", "normal_fp_ml_p95",
+                                  "normal_any_finding_share", "normal_voxel_fpr")))
+        return out
+    out["normal_fp_ml_mean"] = float(ml.mean())
+    out["normal_fp_ml_median"] = float(np.median(ml))
+    out["normal_fp_ml_p95"] = float(np.percentile(ml, 95))
+    out["normal_any_finding_share"] = float(np.mean(ml > 0))
+    n_vox = sum(s.size for s, n in zip(scores, normal) if n)
+    n_pos = sum(int(np.count_nonzero(s >= threshold)) for s, n in zip(scores, normal) if n)
+    out["normal_voxel_fpr"] = float(n_pos / n_vox) if n_vox else None
+    return out
+
+
 def _summary(scores: list[np.ndarray], truth: list[np.ndarray], preds: list[np.ndarray],
-             study: list[float], study_truth: list[bool], threshold: float) -> dict[str, Any]:
+             study: list[float], study_truth: list[bool], threshold: float,
+             mask_ml: list[float]) -> dict[str, Any]:
+    """Metrics of one method key from its per-study outputs.
+
+    Parameters
+    ----------
+    scores, truth, preds:
+        Per study, the raw scores, ground truth and post-processed decision of
+        the evaluated voxels (same order).
+    study:
+        Per study, the study-level score.
+    study_truth:
+        Per study, whether it is abnormal (any ground-truth voxel).
+    threshold:
+        The method's calibrated threshold on the raw score.
+    mask_ml:
+        Per study, the volume in mL of the post-processed mask on the whole
+        volume grid (what the node would report).
+
+    Returns
+    -------
+    dict
+        See :func:`evaluate`.
+
+    Raises
+    ------
+    ValueError
+        When the per-study lists differ in length.
+    """
+    n = len(study_truth)
+    if not len(scores) == len(truth) == len(preds) == len(study) == len(mask_ml) == n:
+        raise ValueError("per-study lists differ in length")
     s, t, p = np.concatenate(scores), np.concatenate(truth), np.concatenate(preds)
     out: dict[str, Any] = {"threshold": float(threshold)}
     if t.any() and not t.all():
@@ -89,7 +145,10 @@ def _summary(scores: list[np.ndarray], truth: list[np.ndarray], preds: list[np.n
         out["auroc"] = out["auprc"] = None
     bm = binary_metrics(p, t)
     out.update({k: bm[k] for k in ("dice", "f1", "sensitivity", "specificity", "precision")})
-    out["study_auroc"] = auroc(np.asarray(study), np.asarray(study_truth)) if 0 < sum(study_truth) < len(study_truth) else None
+    dices = [binary_metrics(pi, ti)["dice"] for pi, ti, a in zip(preds, truth, study_truth) if a]
+    out["dice_per_study_mean"] = float(np.mean(dices)) if dices else None
+    out["study_auroc"] = auroc(np.asarray(study), np.asarray(study_truth)) if 0 < sum(study_truth) < n else None
+    out.update(_normal_fp(scores, mask_ml, [not a for a in study_truth], threshold))
     return out
 
 
@@ -122,11 +181,37 @@ def evaluate(
     Returns
     -------
     dict
-        U-Net metrics at top level (``auroc``, ``auprc``, ``dice``,
-        ``sensitivity``, ``specificity``, ``precision``, ``f1``,
-        ``threshold``, ``study_auroc``), ``baselines`` with ``intensity`` and
-        ``pixel_zscore`` (best polarity of each), ``baseline`` (the stronger
-        one, by AUPRC) and ``beats_baseline``.
+        Metrics of the checkpoint's method at top level, plus ``method``,
+        ``n_studies`` and ``n_abnormal``; the same metrics for every U-Net
+        method under ``methods`` (when ``compare_methods``), for
+        ``intensity`` and ``pixel_zscore`` (best polarity of each, with
+        ``polarity``) under ``baselines``, for the stronger baseline (by
+        AUPRC, with ``name``) under ``baseline``, and ``beats_baseline``
+        (``auprc`` and ``dice`` comparisons). The metrics of a method:
+
+        - ``threshold``: its calibrated threshold on the raw score;
+        - ``auroc``, ``auprc``: voxel ROC / precision-recall areas over the
+          evaluated voxels of all studies (``None`` without both classes);
+        - ``dice`` (= ``f1``), ``sensitivity``, ``specificity``,
+          ``precision``: of the post-processed masks, voxels of all studies
+          pooled;
+        - ``dice_per_study_mean``: mean over the abnormal studies of each
+          study's Dice (``None`` without abnormal studies);
+        - ``study_auroc``: AUROC of the study scores, abnormal vs normal
+          studies (``None`` without both);
+        - ``n_normal``: number of normal studies;
+        - ``normal_fp_ml_mean``, ``normal_fp_ml_median``,
+          ``normal_fp_ml_p95``: mean, median and 95th percentile (linear
+          interpolation) of the false-positive volume per normal study, in
+          mL: voxels of the post-processed mask on the whole grid (what the
+          node would report) times the voxel volume;
+        - ``normal_any_finding_share``: share of normal studies whose
+          post-processed mask has any voxel;
+        - ``normal_voxel_fpr``: share of the evaluated voxels of the normal
+          studies with ``score >= threshold``, before post-processing (the
+          rate the threshold is calibrated for).
+
+        The ``normal_*`` values are ``None`` when there is no normal study.
 
     Raises
     ------
@@ -144,7 +229,7 @@ def evaluate(
         name, _, pol = k.partition(":")
         methods[k] = (replace(predictor.scoring, method=name, polarity=pol), float(thr))
     keys: list[str] = list(dict.fromkeys(k for cfg, _ in methods.values() for k in component_keys(cfg)))
-    acc: dict[str, dict[str, list[Any]]] = {m: {"s": [], "t": [], "p": [], "study": []} for m in methods}
+    acc: dict[str, dict[str, list[Any]]] = {m: {"s": [], "t": [], "p": [], "study": [], "ml": []} for m in methods}
     if outputs is not None:
         outputs.thresholds = {m: thr for m, (_, thr) in methods.items()}
         outputs.regions, outputs.truth = [], []
@@ -171,11 +256,13 @@ def evaluate(
             a["t"].append(gt[region])
             a["p"].append(mask[region])
             a["study"].append(sscore)
+            a["ml"].append(float(np.count_nonzero(mask)) * vol.voxel_volume_mm3 / 1000.0)
             if outputs is not None:
                 outputs.masks[m].append(mask)
             if m == "unet" and plots_dir is not None and gt.any() and len(overlays) < 4:
                 overlays.append((comp.pre.fg_source * vol.array, gt, mask, amap))
-    results = {m: _summary(a["s"], a["t"], a["p"], a["study"], study_truth, methods[m][1]) for m, a in acc.items()}
+    results = {m: _summary(a["s"], a["t"], a["p"], a["study"], study_truth, methods[m][1], a["ml"])
+               for m, a in acc.items()}
     out: dict[str, Any] = dict(results["unet"])
     out["method"] = predictor.scoring.method
     out["n_studies"] = len(cases)
