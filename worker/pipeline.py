@@ -230,6 +230,16 @@ def _process_claimed(ctx: WorkerContext, job_id: int) -> None:
             for f in prediction.findings
         ],
     }
+    domain = _domain(prediction)
+    outside = ""
+    if domain:
+        findings["domain"] = domain
+        if not domain.get("in_domain", True):
+            warnings = [str(w) for w in domain.get("warnings") or []]
+            # The warnings hold numbers and units only (no patient data).
+            logger.warning("job %d: series outside the model's training domain: %s",
+                           job_id, "; ".join(warnings) or "no detail")
+            outside = ", outside the training domain" + (f": {warnings[0][:200]}" if warnings else "")
     with ctx.db.session() as s:
         job = s.get(Job, job_id)
         assert job is not None
@@ -241,7 +251,40 @@ def _process_claimed(ctx: WorkerContext, job_id: int) -> None:
         job.enqueued_at = None
         job.lease_expires_at = None  # the delivery step takes its own lease
         transition(s, job, JobState.DELIVERING,
-                   f"{len(prediction.findings)} finding(s), {len(built)} output(s) built", host=ctx.host)
+                   f"{len(prediction.findings)} finding(s), {len(built)} output(s) built{outside}", host=ctx.host)
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays turned into plain JSON values."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy scalar or array
+        return _jsonable(value.tolist())
+    return value
+
+
+def _domain(prediction: Any) -> dict[str, Any]:
+    """The prediction's training-domain check as JSON for ``findings["domain"]``.
+
+    Parameters
+    ----------
+    prediction:
+        The engine's prediction; its ``domain`` is empty (or absent) for
+        checkpoints without a training-domain record.
+
+    Returns
+    -------
+    dict
+        ``{"in_domain": bool, "warnings": [...], "checks": {...}}``, or ``{}``.
+    """
+    domain = getattr(prediction, "domain", None)
+    if not domain:
+        return {}
+    out = _jsonable(dict(domain))
+    out["in_domain"] = bool(out.get("in_domain", True))
+    return dict(out)
 
 
 def _fetch(ctx: WorkerContext, study_uid: str, series_uid: str) -> SeriesFiles:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from pacs_node.cli.common import add_config_arg, die, load, print_json, print_table
 from pacs_node.db.migrate import current_revision, upgrade
@@ -10,7 +11,7 @@ from pacs_node.db.session import Database
 from pacs_node.jobs.queries import get_job, list_jobs, list_studies
 from pacs_node.jobs.states import JobState
 
-__all__ = ["register"]
+__all__ = ["domain_line", "register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -156,10 +157,35 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
         print(f"{key:20} {'' if d[key] is None else d[key]}")
     if job.timings:
         print("timings (s):        " + ", ".join(f"{k}={v:.3f}" for k, v in job.timings.items()))
+    if job.findings:
+        print(f"{'domain:':20} {domain_line(job.findings)}")
     print("events:")
     for e in job.events:
         print(f"  {e.at:%Y-%m-%d %H:%M:%S}  {e.from_state or '-':>15} -> {e.to_state:<15} {e.message or ''}")
     return 0
+
+
+def domain_line(findings: dict[str, Any]) -> str:
+    """The training-domain check of a job's findings, in one line.
+
+    Parameters
+    ----------
+    findings:
+        The job's ``findings`` JSON.
+
+    Returns
+    -------
+    str
+        ``"within the training domain"``, ``"OUTSIDE the training domain: <warnings>"``
+        or ``"not checked"`` (a model without a training-domain record).
+    """
+    domain = findings.get("domain")
+    if not isinstance(domain, dict) or not domain:
+        return "not checked"
+    if domain.get("in_domain", True):
+        return "within the training domain"
+    warnings = [str(w) for w in domain.get("warnings") or []]
+    return "OUTSIDE the training domain" + (": " + "; ".join(warnings) if warnings else "")
 
 
 def cmd_jobs_retry(args: argparse.Namespace) -> int:

@@ -22,6 +22,11 @@ from pacs_node.api.app import create_app
 from pacs_node.jobs.states import JobState
 from pacs_node.node import Node
 
+#: A failed training-domain check; the second warning must be shown as text, not parsed.
+DOMAIN = {"in_domain": False,
+          "warnings": ["slice thickness 8.0 mm is outside the training range 1.0-6.0 mm", "<b>spacing</b> & more"],
+          "checks": {"slice_thickness_mm": {"value": 8.0, "range": [1.0, 6.0], "ok": False}}}
+
 #: Screenshots are kept here (``PACS_NODE_SCREENSHOT_DIR`` overrides) for a look.
 SHOT_DIR = Path(os.environ.get("PACS_NODE_SCREENSHOT_DIR", "/tmp/pacs-node-screenshots"))
 
@@ -97,7 +102,8 @@ def seeded_node(tmp_path: Path, sqlite_url: str) -> Iterator[tuple[Node, int, in
         ingest(node, series)
         (job_id,) = assemble(node)
         findings = {"count": 1, "items": [{"volume_mm3": 96.0, "max_score": 0.97, "mean_score": 0.8,
-                                           "centroid": [20.0, 30.0, 4.0]}]}
+                                           "centroid": [20.0, 30.0, 4.0]}],
+                    "domain": DOMAIN}
         advance(node, job_id, JobState.RUNNING, JobState.DELIVERING, JobState.DONE,
                 timings={"queue_wait": 0.3, "load": 0.8, "inference": 4.2, "build": 0.5, "delivery": 1.1},
                 findings=findings, study_score=0.97)
@@ -140,6 +146,12 @@ def test_dashboard_in_headless_chromium(tmp_path: Path, seeded_node: tuple[Node,
     assert "inference" in job_dom and "4.2 s" in job_dom and "1 finding(s)" in job_dom
     assert job_dom.count('data-key-image="') == 2 and 'src="blob:' in job_dom
     assert "anomaly area" in job_dom and "largest anomaly area first" in job_dom
+    # The failed training-domain check: a visible warning listing the warnings, escaped.
+    box = job_dom.split('id="domain-warning"', 1)[1].split("</div>", 1)[0]
+    assert "hidden" not in box.split(">", 1)[0]
+    assert "outside the model's training domain" in box
+    assert "<li>slice thickness 8.0 mm is outside the training range 1.0-6.0 mm</li>" in box
+    assert "<li>&lt;b&gt;spacing&lt;/b&gt; &amp; more</li>" in box and "<b>" not in box
 
     check_screenshot(index_png)
     shot = check_screenshot(job_png)

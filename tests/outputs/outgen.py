@@ -1,13 +1,16 @@
 """Helpers for the output tests (``from outgen import ...``): synthetic CT/MR
 series (single-frame, in shuffled order, non-ASCII names), an enhanced
-multi-frame MR, pydicom's bundled CT/MR files, and findings from a mask."""
+multi-frame MR, pydicom's bundled CT/MR files, findings from a mask, and
+PixelMed's SR validator."""
 
 from __future__ import annotations
 
 import random
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -20,6 +23,9 @@ from scipy import ndimage
 from dicom_factory import make_instance
 from worker.outputs.source import SourceSeries
 from worker.outputs.types import AlgorithmInfo
+
+#: Debian's libpixelmed-java.
+PIXELMED_JAR = "/usr/share/java/pixelmed.jar"
 
 ALGORITHM = AlgorithmInfo(name="pacs-node-anomaly", version="pacs-node-engine/0.1.0+0123456789ab",
                           checksum="0123456789ab" + "0" * 52, threshold=0.4321)
@@ -43,6 +49,18 @@ class Prediction:
     findings: list[Finding] = field(default_factory=list)
     study_score: float = 0.0
     threshold: float = 0.4321
+    domain: dict[str, Any] = field(default_factory=dict)
+
+
+#: A training-domain check that failed (``Prediction.domain`` of the engine).
+OUT_OF_DOMAIN: dict[str, Any] = {
+    "in_domain": False,
+    "warnings": ["slice thickness 8.0 mm is outside the training range 1.0-6.0 mm",
+                 "pixel spacing 0.2 mm is outside the training range 0.5-1.5 mm"],
+    "checks": {"slice_thickness_mm": {"value": 8.0, "range": [1.0, 6.0], "ok": False},
+               "pixel_spacing_mm": {"value": 0.2, "range": [0.5, 1.5], "ok": False},
+               "modality": {"value": "CT", "allowed": ["CT", "MR"], "ok": True}},
+}
 
 
 def findings_from(mask: np.ndarray, amap: np.ndarray, source: SourceSeries, voxel_mm3: float = 1.0) -> list[Finding]:
@@ -195,3 +213,21 @@ def decode_by_reference(seg: Dataset, source: SourceSeries) -> np.ndarray:
         np.testing.assert_allclose(pos, source.slices[z].position, atol=1e-3)
         out[z] = pixels[k]
     return out
+
+
+def run_pixelmed_sr(path: Path, jar: str = PIXELMED_JAR) -> tuple[list[str], list[str]]:
+    """PixelMed's ``DicomSRValidator`` (IOD + templates) on one SR file.
+
+    Returns
+    -------
+    tuple[list[str], list[str]]
+        Its ``Error`` and ``Warning`` lines. The JDK's XPath limits are lifted:
+        PixelMed's compiled template rules exceed them.
+    """
+    limits = [f"-Djdk.xml.{k}=0" for k in ("xpathExprOpLimit", "xpathExprGrpLimit", "xpathTotalOpLimit")]
+    res = subprocess.run(["java", *limits, "-cp", jar, "com.pixelmed.validate.DicomSRValidator", str(path)],
+                         capture_output=True, text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert "Found Root Template TID_1500" in out and "IOD validation complete" in out, out[-3000:]
+    lines = out.splitlines()
+    return [x for x in lines if x.startswith("Error")], [x for x in lines if x.startswith("Warning")]

@@ -10,11 +10,13 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from outgen import ALGORITHM, SOURCES, Prediction, decode_by_reference, prediction_for, synthetic_series
+from outgen import (ALGORITHM, OUT_OF_DOMAIN, SOURCES, Prediction, decode_by_reference, prediction_for, run_pixelmed_sr,
+                    synthetic_series)
 from worker.outputs.anomaly_map import PM_SCALE, build_fractional_map, build_parametric_map
 from worker.outputs.build import build_outputs, uid_factory, write_outputs
 from worker.outputs.settings import OutputSettings
 from worker.outputs.source import SourceSeries
+from worker.outputs.sr import DOMAIN_WARNING, IN_TRAINING_DOMAIN, PRIVATE_SCHEME
 from worker.outputs.validate import run_dciodvfy
 
 BOXES = [(slice(1, 3), slice(2, 7), slice(3, 9)), (slice(6, 8), slice(15, 20), slice(12, 16))]
@@ -120,6 +122,64 @@ def test_nothing_found(tmp_path: Path, out_settings: OutputSettings, dciodvfy: s
     seg = hd.seg.segread(written[0].path)
     assert int(seg.NumberOfFrames) == source.num_slices and not seg.pixel_array.any()
     assert sorted(p.name for p in (tmp_path / "2").iterdir()) == ["seg.dcm", "sr.dcm"]  # stale map.dcm removed
+
+
+def _domain_container(sr: pydicom.Dataset) -> pydicom.Dataset | None:
+    """The document-level Qualitative Evaluations container (TID 1500 row 12), if any."""
+    found = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER"
+             and i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+def test_sr_states_training_domain(tmp_path: Path, out_settings: OutputSettings, dciodvfy: str,
+                                   pixelmed: str) -> None:
+    source = SourceSeries.from_datasets(SOURCES["ct-single"]())
+    pred = prediction_for(source, BOXES[:1])
+    pred.domain = OUT_OF_DOMAIN
+    # write_outputs' gate: re-read by highdicom + dciodvfy (required here)
+    written = write_outputs(build_outputs(job_id=5, source=source, prediction=pred, algorithm=ALGORITHM,
+                                          settings=out_settings), tmp_path / "5", settings=out_settings)
+    path = next(w.path for w in written if w.kind == "sr")
+    sr = hd.sr.srread(path)
+    container = _domain_container(sr)
+    assert container is not None and container.RelationshipType == "CONTAINS"
+    assert container.ConceptNameCodeSequence[0].CodingSchemeDesignator == "UMLS"
+    code, *texts = container.ContentSequence
+    assert code.ValueType == "CODE" and code.RelationshipType == "CONTAINS"
+    name = code.ConceptNameCodeSequence[0]
+    assert (name.CodeValue, name.CodingSchemeDesignator, name.CodeMeaning) == (
+        IN_TRAINING_DOMAIN.value, PRIVATE_SCHEME, "Series within the model's training domain")
+    assert code.ConceptCodeSequence[0].CodeValue == codes.SCT.No.value
+    assert [t.ValueType for t in texts] == ["TEXT", "TEXT"]
+    assert {t.ConceptNameCodeSequence[0].CodeValue for t in texts} == {DOMAIN_WARNING.value}
+    assert [t.TextValue for t in texts] == OUT_OF_DOMAIN["warnings"]
+    (scheme,) = sr.CodingSchemeIdentificationSequence
+    assert scheme.CodingSchemeDesignator == PRIVATE_SCHEME and scheme.CodingSchemeName
+    # the rest of the report is unchanged
+    assert len(sr.content.get_volumetric_roi_measurement_groups()) == 1
+    assert sr.content.get_image_measurement_groups()[0].get_qualitative_evaluations()[0].value == codes.SCT.Present
+
+    errors, warnings = run_dciodvfy(path, dciodvfy)
+    assert errors == []
+    # dciodvfy only notes that a private scheme is not one of PS3.16's
+    assert all("Unrecognized defined term <99PACSNODE>" in w for w in warnings if PRIVATE_SCHEME in w)
+    # PixelMed: nothing it reports concerns the new items (PixelMed 2022 has
+    # its own complaints about the ROI groups, with or without this container)
+    errors, warnings = run_pixelmed_sr(path, pixelmed)
+    assert [x for x in errors + warnings if "C0034375" in x or PRIVATE_SCHEME in x or "Qualitative Evaluations" in x] == []
+
+    # in the domain: Yes, no warning; not checked (older model): no container, no private scheme
+    for domain, value in (({"in_domain": True, "warnings": [], "checks": {}}, codes.SCT.Yes), ({}, None)):
+        pred.domain = domain
+        (sr_built,) = [o.dataset for o in build_outputs(job_id=5, source=source, prediction=pred, algorithm=ALGORITHM,
+                                                        settings=out_settings) if o.kind == "sr"]
+        container = _domain_container(sr_built)
+        if value is None:
+            assert container is None and "CodingSchemeIdentificationSequence" not in sr_built
+        else:
+            assert container is not None and len(container.ContentSequence) == 1
+            assert container.ContentSequence[0].ConceptCodeSequence[0].CodeValue == value.value
 
 
 def test_inconsistent_prediction_rejected(out_settings: OutputSettings) -> None:

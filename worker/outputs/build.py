@@ -121,7 +121,8 @@ def build_outputs(
     source:
         Source series, in the slice order of the prediction's arrays.
     prediction:
-        ``mask``, ``anomaly_map``, ``findings``, ``study_score``.
+        ``mask``, ``anomaly_map``, ``findings``, ``study_score``; its
+        optional ``domain`` (the training-domain check) goes into the SR.
     algorithm:
         Name, version (enters every UID), checksum, threshold.
     settings:
@@ -164,6 +165,8 @@ def build_outputs(
         algorithm=algorithm,
         uids=uids,
         settings=settings,
+        # Engines before the training-domain check have no ``domain``.
+        domain=getattr(prediction, "domain", None) or None,
     )
     out.append(BuiltOutput("sr", sr, "sr.dcm", {"findings": len(findings)}))
     if settings.anomaly_map != "none" and (found or settings.anomaly_map_when_empty):

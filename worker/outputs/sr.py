@@ -16,7 +16,14 @@ Content (see ``docs/outputs.md``):
   (DCM 128138 "Center of Mass") in the source frame of reference;
 * one **study-level group** (TID 1501) "Study": the study anomaly score and
   the qualitative evaluation "Morphologically abnormal structure" = Present /
-  Absent. With no finding, this group is the whole result.
+  Absent. With no finding, this group is the whole result;
+* when the engine checked the series against the model's training domain
+  (``prediction.domain``), the document-level **Qualitative Evaluations**
+  container (TID 1500 row 12): CODE (TRAINING-DOMAIN, 99PACSNODE, "Series
+  within the model's training domain") = SCT Yes / No, and one TEXT
+  (DOMAIN-WARNING, 99PACSNODE, "Training-domain warning") per warning.
+  99PACSNODE is the node's private coding scheme, identified in the Coding
+  Scheme Identification Sequence.
 
 VerificationFlag UNVERIFIED, PreliminaryFlag PRELIMINARY; the Series
 Description says "NOT FOR CLINICAL USE".
@@ -27,7 +34,8 @@ single-segment SEGs, so the reference is built explicitly here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -39,12 +47,20 @@ from .source import SourceSeries
 from .types import AlgorithmInfo, FindingLike
 from .uids import UIDFactory
 
-__all__ = ["ABNORMALITY", "build_sr", "seg_frames_by_slice"]
+__all__ = ["ABNORMALITY", "DOMAIN_WARNING", "IN_TRAINING_DOMAIN", "PRIVATE_SCHEME", "build_sr", "seg_frames_by_slice"]
 
 UNITLESS = hd.sr.CodedConcept("1", "UCUM", "no units")
 MM3 = hd.sr.CodedConcept("mm3", "UCUM", "cubic millimeter")
 #: Concept name of the presence/absence evaluation.
 ABNORMALITY = codes.SCT.MorphologicallyAbnormalStructure
+#: The node's private coding scheme (for concepts no standard code covers).
+PRIVATE_SCHEME = "99PACSNODE"
+#: Concept name of the training-domain evaluation (value SCT Yes / No).
+IN_TRAINING_DOMAIN = hd.sr.CodedConcept("TRAINING-DOMAIN", PRIVATE_SCHEME, "Series within the model's training domain")
+#: Concept name of one training-domain warning (TEXT).
+DOMAIN_WARNING = hd.sr.CodedConcept("DOMAIN-WARNING", PRIVATE_SCHEME, "Training-domain warning")
+#: TID 1500 row 12, the document-level qualitative evaluations.
+_QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 _PROCEDURES = {"CT": codes.LN.CTUnspecifiedBodyRegion, "MR": codes.LN.MRIUnspecifiedBodyRegion}
 
 
@@ -98,6 +114,35 @@ def _referenced_segment(seg: Dataset, source: SourceSeries, slices: Sequence[int
     )
 
 
+def _domain_evaluations(domain: Mapping[str, Any]) -> hd.sr.ContainerContentItem:
+    """The Qualitative Evaluations container stating the training-domain check."""
+    container = hd.sr.ContainerContentItem(
+        name=_QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    inside = bool(domain.get("in_domain", True))
+    items: list[hd.sr.ContentItem] = [
+        hd.sr.CodeContentItem(
+            name=IN_TRAINING_DOMAIN, value=codes.SCT.Yes if inside else codes.SCT.No,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    ]
+    items += [
+        hd.sr.TextContentItem(name=DOMAIN_WARNING, value=str(w), relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        for w in domain.get("warnings") or [] if str(w).strip()
+    ]
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
+
+
+def _private_scheme(settings: OutputSettings) -> Dataset:
+    """Coding Scheme Identification item of :data:`PRIVATE_SCHEME` (PS3.3 C.12.1.1.3)."""
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = "pacs-node local concepts"
+    item.CodingSchemeResponsibleOrganization = settings.manufacturer[:64]
+    return item
+
+
 def build_sr(
     source: SourceSeries,
     *,
@@ -108,6 +153,7 @@ def build_sr(
     algorithm: AlgorithmInfo,
     uids: UIDFactory,
     settings: OutputSettings,
+    domain: Mapping[str, Any] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 report.
 
@@ -126,6 +172,10 @@ def build_sr(
         findings.
     algorithm, uids, settings:
         Identity, UID factory and ``[outputs]`` settings.
+    domain:
+        The engine's training-domain check (``in_domain``, ``warnings``);
+        empty or None (checkpoints without a training-domain record): the
+        report says nothing about it.
 
     Raises
     ------
@@ -203,8 +253,10 @@ def build_sr(
         procedure_reported=_PROCEDURES.get(source.modality, codes.SCT.ImagingProcedure),
         imaging_measurements=groups,
     )
+    if domain:
+        report[0].ContentSequence.append(_domain_evaluations(domain))
     evidence: list[Dataset] = list(source.datasets) + ([seg] if seg is not None and findings else [])
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
         series_instance_uid=uids.series("sr"),
@@ -218,3 +270,6 @@ def build_sr(
         institution_name=settings.institution_name or None,
         series_description=settings.sr_series_description,
     )
+    if domain:
+        sr.CodingSchemeIdentificationSequence = [_private_scheme(settings)]
+    return sr

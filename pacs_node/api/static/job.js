@@ -67,6 +67,20 @@
       el("td", {}, Array.isArray(it.centroid) ? it.centroid.map((c) => num(c, 1)).join(", ") : ""))));
   }
 
+  /* findings.domain: the series checked against the model's training domain.
+     Shown only when the check failed; the warnings are set as text. */
+  function domain(job) {
+    const d = (job.findings || {}).domain;
+    const box = document.getElementById("domain-warning");
+    const outside = d && typeof d === "object" && d.in_domain === false;
+    box.hidden = !outside;
+    if (!outside) { box.replaceChildren(); return; }
+    const warnings = Array.isArray(d.warnings) ? d.warnings : [];
+    box.replaceChildren(
+      el("strong", {}, "Series outside the model's training domain: interpret the result with caution."),
+      el("ul", {}, ...warnings.map((w) => el("li", {}, String(w)))));
+  }
+
   function events(job) {
     fill("events", (job.events || []).map((e) => el("tr", {},
       el("td", { class: "nowrap" }, fmtTime(e.at)),
@@ -138,7 +152,7 @@
       document.getElementById("title").textContent = `Job #${job.id}`;
       document.getElementById("state").replaceWith(Object.assign(stateBadge(job.state), { id: "state" }));
       retryButton.hidden = !(token && TERMINAL.includes(job.state));
-      summary(job); timings(job); findings(job); events(job); outputs(job); deliveries(job);
+      summary(job); timings(job); domain(job); findings(job); events(job); outputs(job); deliveries(job);
       await keyImages(job);
     } catch (err) {
       if (err instanceof PacsNode.HttpError && err.status === 404) notice(`Job ${jobId} does not exist.`);
