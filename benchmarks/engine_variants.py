@@ -12,7 +12,7 @@ Usage::
 
 Override keys: ``train.<TrainConfig field>``, ``unet.<UNetConfig field>``,
 ``scoring.<ScoringConfig field>``, ``preprocess.<PreprocessConfig field>``
-and ``n_train``. ``train.max_minutes`` defaults to 0 here (no time budget),
+and ``n_train``. training budgets are step counts,
 so results do not depend on machine load. One JSON line per run is appended
 to ``benchmarks/out/engine-variants.jsonl``.
 """
@@ -55,7 +55,7 @@ def apply_overrides(cfg: DemoConfig, over: dict[str, Any]) -> DemoConfig:
     TypeError
         For an unknown field name.
     """
-    cfg.train = replace(cfg.train, **{"max_minutes": 0.0, **_section(over, "train.")})
+    cfg.train = replace(cfg.train, **_section(over, "train."))
     cfg.unet = replace(cfg.unet, **_section(over, "unet."))
     cfg.scoring = replace(cfg.scoring, **_section(over, "scoring."))
     cfg.preprocess = replace(cfg.preprocess, **_section(over, "preprocess."))

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "cmd_train", "cmd_calibrate", "cmd_evaluate", "DEMO_DEFAULTS", "DEMO_FAST_DEFAULTS"]
+__all__ = ["register", "cmd_train", "cmd_calibrate", "cmd_evaluate", "DEMO_DEFAULTS", "DEMO_FAST_DEFAULTS",
+           "ANATOMY_DEFAULTS", "ANATOMY_FAST_DEFAULTS"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,14 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "combine_with": "intensity", "combine_weight": 0.5,
 }
 DEMO_FAST_DEFAULTS: dict[str, Any] = {"epochs": 3, "steps_per_epoch": 40}
+# = what worker.engine.headdemo.anatomy_config() gives: the real-anatomy demo,
+# also the configuration of --data (tested equal)
+ANATOMY_DEFAULTS: dict[str, Any] = {
+    "epochs": 20, "steps_per_epoch": 100, "batch_size": 16, "lr": 2e-3, "objective": "dae", "loss": "mse",
+    "local_prob": 0.5, "depth": 5, "base": 16, "norm": "group", "context": 1, "size": 128,
+    "combine_with": "intensity", "combine_weight": 0.5,
+}
+ANATOMY_FAST_DEFAULTS: dict[str, Any] = {"epochs": 2, "steps_per_epoch": 10, "depth": 4, "base": 8}
 
 MIN_TRAIN, MIN_VAL, MIN_CAL = 2, 1, 1
 
@@ -66,15 +75,23 @@ def _engine_defaults() -> dict[str, Any]:
 
 
 def _demo(key: str) -> str:
-    """``(default: ...)`` text of a training option that defaults to the demo configuration."""
-    fast = f"; {DEMO_FAST_DEFAULTS[key]} with --fast" if key in DEMO_FAST_DEFAULTS else ""
-    return f"(default: {DEMO_DEFAULTS[key]}, from the demo configuration{fast})"
+    """``(default: ...)`` text of a training option that defaults to the demo configurations."""
+    fast = ""
+    if key in ANATOMY_FAST_DEFAULTS or key in DEMO_FAST_DEFAULTS:
+        fast = (f"; with --fast {ANATOMY_FAST_DEFAULTS.get(key, ANATOMY_DEFAULTS[key])} (--anatomy) / "
+                f"{DEMO_FAST_DEFAULTS.get(key, DEMO_DEFAULTS[key])} (--synthetic)")
+    if ANATOMY_DEFAULTS[key] == DEMO_DEFAULTS[key]:
+        return f"(default: {ANATOMY_DEFAULTS[key]}{fast})"
+    return f"(default: {ANATOMY_DEFAULTS[key]} with --anatomy or --data, {DEMO_DEFAULTS[key]} with --synthetic{fast})"
 
 
 def _add_data(p: argparse.ArgumentParser, eng: dict[str, Any], *, masks: bool = False,
               seed_help: str = "random seed") -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--synthetic", action="store_true", help="use the built-in synthetic phantoms")
+    src.add_argument("--anatomy", action="store_true",
+                     help="normal heads generated from the MNI ICBM152 2009 template that nilearn ships (the demo "
+                          "model's data; with lesions for evaluate)")
+    src.add_argument("--synthetic", action="store_true", help="geometric head phantoms (small and fast: tests only)")
     src.add_argument("--data", type=Path, metavar="DIR", help="directory of DICOM series")
     if masks:
         p.add_argument("--masks", type=Path, metavar="DIR",
@@ -128,11 +145,17 @@ def register(subparsers: Any) -> None:
                    help=f"scoring method; {SCORING_AUTO_HELP}; a non-empty [engine] scoring replaces auto")
     _combine_args(p, demo=True)
     p.add_argument("--fast", action="store_true",
-                   help="quick, weaker build for smoke tests (fewer epochs and steps; fewer synthetic volumes)")
+                   help="quick, weaker build for smoke tests (fewer epochs and steps; fewer generated volumes)")
+    p.add_argument("--region", choices=["brain", "head"], default="brain",
+                   help="--data: score the brain (masked by the brain-mask network of --brain-mask) or the whole "
+                        "head foreground (non-brain data)")
+    p.add_argument("--brain-mask", type=Path, default=None, metavar="MODEL",
+                   help="--data with --region brain: checkpoint whose brain-mask network to use (default: the "
+                        "bundled demo model, pacs_node/data/demo-model.pt)")
     p.add_argument("--resume", action="store_true", help="continue from MODEL.state")
     p.add_argument("--name", default=None,
-                   help="model name stored in the checkpoint (default: synthetic-demo with --synthetic, "
-                        "local-<DIR name> with --data)")
+                   help="model name stored in the checkpoint (default: anatomy-demo with --anatomy, synthetic-demo "
+                        "with --synthetic, local-<DIR name> with --data)")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("calibrate", help="calibrate the anomaly threshold on normal studies",
@@ -161,8 +184,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--plots", type=Path, default=None, metavar="DIR",
                    help="write ROC/PR curves and overlays there (default: no plots)")
-    p.add_argument("--n-abnormal", type=int, default=24, help="synthetic abnormal test studies")
-    p.add_argument("--n-normal", type=int, default=6, help="synthetic normal test studies")
+    p.add_argument("--n-abnormal", type=int, default=None,
+                   help="abnormal test studies of --anatomy / --synthetic (default: 30 / 24)")
+    p.add_argument("--n-normal", type=int, default=None,
+                   help="normal test studies of --anatomy / --synthetic (default: 20 / 6)")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -208,8 +233,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Handle ``pacs-node train``; returns the exit code."""
     from dataclasses import replace
 
+    from worker.engine.checkpoint import CheckpointError
     from worker.engine.demo import demo_config, train_synthetic
     from worker.engine.dicom_io import SeriesError, load_directory
+    from worker.engine.headdemo import anatomy_config, train_anatomy
     from worker.engine.pipeline import fit, save_predictor
 
     try:
@@ -219,18 +246,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 2
     _threads(args, st)
     device = args.device or st.device
-    cfg = demo_config(args.fast)
-    t = cfg.train
+    cfg: Any = demo_config(args.fast) if args.synthetic else anatomy_config(args.fast)
     over = {k: v for k, v in {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "batch_size": args.batch_size,
                               "lr": args.lr, "objective": args.objective, "loss": args.loss,
                               "local_prob": args.local_prob}.items() if v is not None}
-    cfg.train = replace(t, seed=args.seed, amp=st.amp, **over)
+    cfg.train = replace(cfg.train, seed=args.seed, amp=st.amp, **over)
     cfg.unet = replace(cfg.unet, **{k: v for k, v in {"depth": args.depth, "base": args.base, "norm": args.norm}.items() if v is not None})
-    pp = {"ct_window": tuple(st.ct_window), "mr_method": st.mr_method}
+    pp: dict[str, Any] = {"ct_window": tuple(st.ct_window), "mr_method": st.mr_method}
     if args.context is not None:
         pp["context"] = args.context
     if args.size is not None:
         pp["size"] = (args.size, args.size)
+    if args.data is not None and args.region == "head":
+        pp.update(region="head", pixel_mm=None)
     cfg.preprocess = replace(cfg.preprocess, **pp)
     cfg.scoring = replace(cfg.scoring, target_fpr=st.target_fpr, **_combine_over(args))
     scoring = args.scoring if args.scoring != "auto" else (st.scoring or "auto")
@@ -246,20 +274,61 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.synthetic:
             train_synthetic(args.out, cfg, device=device, progress=progress, resume=args.resume,
                             model_name=args.name or "synthetic-demo")
+        elif args.anatomy:
+            train_anatomy(args.out, cfg, device=device, progress=progress, resume=args.resume,
+                          model_name=args.name or "anatomy-demo")
         else:
+            masker = _brain_masker(args.brain_mask) if cfg.preprocess.region == "brain" else None
             vols = load_directory(args.data)
             tr, val, cal = _split(vols, args.seed)
+            select = _selection_cases(cal, masker, args.seed) if scoring == "auto" else None
             pred = fit(tr, val, cal, ucfg=cfg.unet, tcfg=cfg.train, pcfg=cfg.preprocess, scfg=cfg.scoring,
                        model_name=args.name or f"local-{args.data.name}",
                        data_description=f"{len(tr)} local normal series ({', '.join(sorted({v.modality for v in vols}))})",
                        device=device, state_path=args.out.with_name(args.out.name + ".state"),
-                       resume=args.resume, progress=progress)
+                       resume=args.resume, progress=progress, select_cases=select, brain_masker=masker)
             save_predictor(pred, args.out)
-    except (SeriesError, ValueError) as exc:
+    except (SeriesError, ValueError, CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"model written to {args.out} ({time.monotonic() - t0:.0f} s)")
     return 0
+
+
+def _brain_masker(path: Path | None) -> Any:
+    """The brain-mask network of ``path`` (default: the bundled demo model).
+
+    Raises
+    ------
+    CheckpointError
+        When the checkpoint cannot be read or has no brain-mask network.
+    """
+    from worker.engine.brainmask import BrainMasker
+    from worker.engine.checkpoint import CheckpointError, load_checkpoint
+
+    if path is None:
+        path = Path(__file__).resolve().parent.parent / "pacs_node" / "data" / "demo-model.pt"
+    ck = load_checkpoint(path)
+    masker = BrainMasker.from_checkpoint_parts(ck.meta, ck.tensors)
+    if masker is None:
+        raise CheckpointError(f"{path.name} has no brain-mask network; pass --brain-mask MODEL or --region head")
+    return masker
+
+
+def _selection_cases(normals: list[Any], masker: Any, seed: int) -> list[Any]:
+    """Held-out real normals with injected lesions, for choosing the scoring method (never the test set)."""
+    import numpy as np
+
+    from worker.engine.lesions import inject_into_volume
+    from worker.engine.orient import to_axial
+
+    rng = np.random.default_rng([seed, 31_337])
+    out = []
+    for vol in normals:
+        ax, _ = to_axial(vol)
+        brain = masker.predict(ax) if masker is not None else None
+        out.append(inject_into_volume(ax, brain, rng))
+    return out
 
 
 COMBINE_WITH_CHOICES = ("intensity", "pixel_zscore", "feature")
@@ -302,7 +371,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     try:
         pred = Predictor.from_checkpoint(args.model, device=args.device or st.device, batch_size=st.batch_size, amp=st.amp)
         shape = None
-        if args.synthetic:
+        if args.anatomy:
+            from worker.engine.headdemo import anatomy_config, anatomy_normals
+
+            acfg = anatomy_config()
+            normals = anatomy_normals("calib", acfg.n_calib, acfg.subjects)
+            desc = "normal heads generated from the MNI template (calibration seeds)"
+        elif args.synthetic:
             from worker.engine.synthetic import DEFAULT_SHAPE
 
             shape = DEFAULT_SHAPE
@@ -372,7 +447,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _threads(args, st)
     try:
         pred = Predictor.from_checkpoint(args.model, device=args.device or st.device, batch_size=st.batch_size, amp=st.amp)
-        cases = synthetic_test_set(args.n_abnormal, args.n_normal) if args.synthetic else _real_cases(args.data, args.masks)
+        if args.anatomy:
+            from worker.engine.headdemo import anatomy_test_set
+
+            cases = anatomy_test_set(30 if args.n_abnormal is None else args.n_abnormal,
+                                     20 if args.n_normal is None else args.n_normal)
+        elif args.synthetic:
+            cases = synthetic_test_set(24 if args.n_abnormal is None else args.n_abnormal,
+                                       6 if args.n_normal is None else args.n_normal)
+        else:
+            cases = _real_cases(args.data, args.masks)
         res = evaluate(pred, cases, plots_dir=args.plots)
     except (CheckpointError, SeriesError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

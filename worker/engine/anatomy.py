@@ -152,7 +152,7 @@ class SubjectConfig:
     partial_coverage: float = 0.3  # share of subjects with a slab instead of the whole brain
     snr: tuple[float, float] = (15.0, 60.0)
     bias: float = 0.25
-    max_matrix: int = 512
+    max_matrix: int = 384
 
 
 @dataclass
@@ -274,7 +274,11 @@ def make_subject(
     sp_z = thick + gap
     sp_xy = float(rng.uniform(*cfg.inplane_spacing))
     fov = float(rng.uniform(*cfg.fov_mm))
-    n_xy = int(min(cfg.max_matrix, max(64, round(fov / sp_xy / 2) * 2)))
+    n_xy = int(round(fov / sp_xy / 2) * 2)
+    if n_xy > cfg.max_matrix:  # keep the field of view, coarser pixels
+        n_xy = int(cfg.max_matrix)
+        sp_xy = fov / n_xy
+    n_xy = max(64, n_xy)
     scale = float(rng.uniform(*cfg.scale))
     aniso = rng.uniform(0.96, 1.04, 3)
     rot = _rotation(rng, cfg.rotation_deg)

@@ -38,13 +38,20 @@ def volumes_hash(volumes: list[Volume]) -> str:
     return h.hexdigest()
 
 
-def collect_normal_scores(predictor: Predictor, volumes: list[Volume], keys: list[str]) -> dict[str, np.ndarray]:
-    """Concatenated in-region scores per component over normal volumes."""
+def collect_normal_scores(predictor: Predictor, volumes: list[Volume], keys: list[str],
+                          measures: list[dict[str, float]] | None = None) -> dict[str, np.ndarray]:
+    """Concatenated in-region scores per component over normal volumes.
+
+    When ``measures`` is given, each volume's training-domain measures
+    (:func:`~worker.engine.domain.describe`) are appended to it.
+    """
     out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for vol in volumes:
         comp = predictor.components(vol, keys)
         for k in keys:
             out[k].append(comp.maps[k][comp.region])
+        if measures is not None and comp.measures:
+            measures.append(comp.measures)
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -100,7 +107,8 @@ def calibrate(
     predictor.scoring = scfg
     keys = list(dict.fromkeys(["residual", *component_keys(replace(scfg, method="combined")), *component_keys(scfg),
                                *[k for k in BASELINE_KEYS if predictor.atlas is not None or not k.startswith("pixel")]]))
-    scores = collect_normal_scores(predictor, normals, keys)
+    measured: list[dict[str, float]] = []
+    scores = collect_normal_scores(predictor, normals, keys, measured)
     scfg.scales = {k: float(np.quantile(v, 0.99)) for k, v in scores.items()}
     final = fuse(scores, scfg)
     scfg.threshold = calibrate_threshold(final, scfg.target_fpr)
@@ -118,6 +126,14 @@ def calibrate(
     for m in ("residual", "combined"):
         alt = replace(scfg, method=m)
         unet_thresholds[m] = calibrate_threshold(fuse(scores, alt), scfg.target_fpr)
+    if measured and predictor.meta.get("domain"):
+        # the threshold holds for the calibration series too: the domain spans both sets
+        dom = predictor.meta["domain"]
+        for k, (lo, hi) in list(dom["ranges"].items()):
+            vals = [m[k] for m in measured if k in m]
+            if vals:
+                dom["ranges"][k] = [float(min(lo, min(vals))), float(max(hi, max(vals)))]
+        dom["n_calibration_series"] = len(measured)
     predictor.meta["scoring"] = scfg.to_dict()
     predictor.meta["baselines"] = {"thresholds": baselines, "target_fpr": scfg.target_fpr}
     predictor.meta["method_thresholds"] = unet_thresholds

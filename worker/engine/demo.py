@@ -41,7 +41,7 @@ class DemoConfig:
     n_calib: int = 10
     n_select: int = 10
     unet: UNetConfig = field(default_factory=UNetConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=16, steps_per_epoch=100, max_minutes=8.0,
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=16, steps_per_epoch=100,
                                                                    noise_res=(8, 16, 32), noise_std=0.12,
                                                                    local_prob=0.5))
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)

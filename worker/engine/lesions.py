@@ -24,8 +24,9 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .anatomy import Subject, SubjectConfig, Tissue, _smooth, make_subject
+from .volume import Volume
 
-__all__ = ["LESION_KINDS", "Lesion", "lesion_injector", "make_lesion_subject", "size_class"]
+__all__ = ["LESION_KINDS", "Lesion", "inject_into_volume", "lesion_injector", "make_lesion_subject", "size_class"]
 
 log = logging.getLogger(__name__)
 
@@ -248,3 +249,53 @@ def make_lesion_subject(seed: int, cfg: SubjectConfig | None = None, *, contrast
     """
     kinds = dict(kinds or LESION_KINDS)
     return make_subject(seed, cfg, contrast=contrast, lesion_fn=lesion_injector(kinds, n, radius_scale))
+
+
+def inject_into_volume(vol: Volume, brain: np.ndarray | None, rng: np.random.Generator,
+                       n: tuple[int, int] = (1, 2)) -> tuple[Volume, np.ndarray]:
+    """Lesion-like blobs in a real normal series, for choosing a scoring method on site data.
+
+    A real series has no tissue maps, so lesions here are soft irregular
+    blobs (3-20 mm radius) inside the brain whose intensity moves towards a
+    multiple of the brain's median (brighter, as oedema or FLAIR lesions, or
+    darker, as cavities or infarcts on T1), keeping the series' own noise.
+
+    Parameters
+    ----------
+    vol:
+        A normal series (axial).
+    brain:
+        Its brain mask (``None``: voxels above the 20th percentile).
+    rng:
+        Random generator.
+    n:
+        Inclusive range of the number of blobs.
+
+    Returns
+    -------
+    tuple
+        The series with lesions and their exact mask.
+    """
+    a = vol.array.astype(np.float32)
+    region = brain if brain is not None else a > np.percentile(a, 20)
+    idx = np.argwhere(_erode_iso(region, vol.spacing, 6.0))
+    if len(idx) == 0:
+        idx = np.argwhere(region)
+    med = float(np.median(a[region])) if region.any() else float(a.mean())
+    smooth = ndi.gaussian_filter(a, 1.0)
+    out = a.copy()
+    mask = np.zeros(a.shape, bool)
+    for _ in range(int(rng.integers(n[0], n[1] + 1))):
+        c = idx[rng.integers(len(idx))].astype(np.float64)
+        radii = rng.uniform(3.0, 20.0) * rng.uniform(0.7, 1.3, 3)
+        w = _blob(a.shape, vol.spacing, c, radii, rng, 0.2) * region
+        factor = rng.uniform(1.25, 1.8) if rng.random() < 0.6 else rng.uniform(0.35, 0.75)
+        out = out + w * (factor * med - smooth)
+        mask |= w >= 0.5
+    return vol.with_array(np.maximum(out, 0.0).astype(np.float32)), mask
+
+
+def _erode_iso(mask: np.ndarray, spacing: tuple[float, float, float], mm: float) -> np.ndarray:
+    rad = [max(0, int(mm // s)) for s in spacing]
+    st = np.ones([2 * r + 1 for r in rad], bool)
+    return ndi.binary_erosion(mask, st) if any(rad) else mask

@@ -13,10 +13,13 @@ import torch
 
 from . import CODE_VERSION
 from .baselines import ZScoreAtlas
+from .brainmask import BrainMasker
 from .calibrate import calibrate, volumes_hash
 from .checkpoint import save_checkpoint
+from .domain import describe, domain_record
 from .evaluate import evaluate
 from .model import UNetConfig
+from .orient import to_axial
 from .predictor import Predictor
 from .preprocess import PreprocessConfig, preprocess
 from .scoring import ScoringConfig
@@ -37,6 +40,10 @@ def save_predictor(predictor: Predictor, path: Path) -> str:
         sha256 of the file (also stored in ``predictor.checksum``).
     """
     tensors = predictor.atlas.to_tensors() if predictor.atlas is not None else {}
+    if predictor.brain_masker is not None:
+        entry, bt = predictor.brain_masker.to_parts()
+        predictor.meta["brain_mask"] = entry
+        tensors.update(bt)
     predictor.meta["scoring"] = predictor.scoring.to_dict()
     sd = {k: v.detach().cpu() for k, v in predictor.model.state_dict().items()}
     sha = save_checkpoint(Path(path), sd, predictor.meta, tensors)
@@ -78,6 +85,7 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     select_cases: list[tuple[Volume, np.ndarray | None]] | None = None,
+    brain_masker: BrainMasker | None = None,
 ) -> Predictor:
     """Build a calibrated model from normal volumes.
 
@@ -101,6 +109,9 @@ def fit(
     select_cases:
         Optional validation cases with anomalies used to choose between the
         ``residual`` and ``combined`` scoring methods.
+    brain_masker:
+        Brain-mask network, required when ``pcfg.region == "brain"``; it is
+        stored in the checkpoint and masks every series the model sees.
 
     Returns
     -------
@@ -115,16 +126,29 @@ def fit(
     """
     if not train_volumes or not val_volumes or not calib_volumes:
         raise ValueError("training, validation and calibration sets must all be non-empty")
+    if pcfg.region == "brain" and brain_masker is None:
+        raise ValueError("a brain-region model needs a brain-mask network")
+    if pcfg.reorient:
+        train_volumes, val_volumes, calib_volumes = ([to_axial(v)[0] for v in vs]
+                                                     for vs in (train_volumes, val_volumes, calib_volumes))
     ucfg = replace(ucfg, in_channels=2 * pcfg.context + 1)
     if pcfg.context and pcfg.context_mm is None:
         # The 2.5D neighbours are defined in mm: the training data's typical
         # slice spacing, so thinner series are sampled at the same distance.
         pcfg = replace(pcfg, context_mm=float(np.median([v.spacing[0] for v in train_volumes])))
-    tr = build_slices(train_volumes, pcfg, tcfg.min_fg_fraction)
-    va = build_slices(val_volumes, pcfg, tcfg.min_fg_fraction)
+    def regions(vs: list[Volume]) -> list[np.ndarray] | None:
+        return [brain_masker.predict(v) for v in vs] if brain_masker is not None and pcfg.region == "brain" else None
+
+    tr_regions = regions(train_volumes)
+    tr = build_slices(train_volumes, pcfg, tcfg.min_fg_fraction, tr_regions)
+    va = build_slices(val_volumes, pcfg, tcfg.min_fg_fraction, regions(val_volumes))
     log.info("training on %d slices from %d volumes (%d validation slices)", len(tr.x), len(train_volumes), len(va.x))
     result = train(tr, va, ucfg, tcfg, device=device, state_path=state_path, resume=resume, progress=progress)
-    atlas = ZScoreAtlas.fit([preprocess(v, pcfg).image for v in train_volumes])
+    pres = [preprocess(v, pcfg, region=tr_regions[i] if tr_regions is not None else None)
+            for i, v in enumerate(train_volumes)]
+    atlas = ZScoreAtlas.fit([p.image for p in pres])
+    domain = domain_record([describe(v, p.fg_source, p.image[p.fg]) for v, p in zip(train_volumes, pres)],
+                           sources=data_description)
     meta: dict[str, Any] = {
         "model_name": model_name,
         "arch": ucfg.to_dict(),
@@ -146,8 +170,14 @@ def fit(
             "history": result.history,
         },
         "validation": {"val_loss": result.best_val_loss, "val_data_sha256": volumes_hash(val_volumes)},
+        "domain": domain,
     }
-    predictor = Predictor(result.model, meta, atlas.to_tensors(), device=device)
+    tensors = atlas.to_tensors()
+    if brain_masker is not None:
+        entry, bt = brain_masker.to_parts()
+        meta["brain_mask"] = entry
+        tensors.update(bt)
+    predictor = Predictor(result.model, meta, tensors, device=device)
     calibrate(predictor, calib_volumes, description=f"held-out normals: {data_description}")
     if select_cases:
         select_method(predictor, select_cases)

@@ -13,12 +13,16 @@ import numpy as np
 import torch
 
 from .baselines import ZScoreAtlas
+from .brainmask import BrainMasker
 from .checkpoint import CheckpointError, load_checkpoint
+from .domain import check_domain, describe
 from .model import UNet, UNetConfig
 from .postprocess import Finding, clean_mask, extract_findings, study_score
+from .orient import to_axial
 from .preprocess import (
     PreprocessConfig,
     Preprocessed,
+    PreprocessError,
     context_stack,
     context_stride,
     erode_mm,
@@ -87,12 +91,18 @@ class Prediction:
 
 @dataclass
 class Components:
-    """Component score maps on the source grid plus the scoring region."""
+    """Component score maps on the source grid plus the scoring region.
+
+    ``pre.fg_source`` is on the source grid too; ``pre``'s model-grid arrays
+    are on the axial grid the model saw. ``measures`` describe the series for
+    the training-domain check (:mod:`.domain`).
+    """
 
     maps: dict[str, np.ndarray]
     region: np.ndarray
     pre: Preprocessed
     seconds: dict[str, float] = field(default_factory=dict)
+    measures: dict[str, float] = field(default_factory=dict)
 
 
 class Predictor:
@@ -132,6 +142,9 @@ class Predictor:
         self.preprocess_cfg = PreprocessConfig.from_dict(meta["preprocess"])
         self.scoring = ScoringConfig.from_dict(meta["scoring"])
         self.atlas = ZScoreAtlas.from_tensors(tensors or {})
+        self.brain_masker = BrainMasker.from_checkpoint_parts(meta, tensors or {}, self.device)
+        if self.preprocess_cfg.region == "brain" and self.brain_masker is None:
+            raise ValueError("the checkpoint scores the brain but carries no brain-mask network")
         self.checksum = checksum
         self.batch_size = int(batch_size)
         self.dtype = amp_dtype(self.device, amp)
@@ -157,11 +170,11 @@ class Predictor:
             model.load_state_dict(ck.state_dict, strict=True)
             PreprocessConfig.from_dict(ck.meta["preprocess"])
             ScoringConfig.from_dict(ck.meta["scoring"])
+            if ck.meta["scoring"].get("threshold") is None:
+                log.warning("checkpoint %s is not calibrated; run 'pacs-node calibrate'", Path(path).name)
+            return cls(model, ck.meta, ck.tensors, device=device, checksum=ck.sha256, batch_size=batch_size, amp=amp)
         except (TypeError, ValueError, RuntimeError, KeyError) as exc:
             raise CheckpointError(f"checkpoint {Path(path).name} is incompatible with this code: {exc}") from None
-        if ck.meta["scoring"].get("threshold") is None:
-            log.warning("checkpoint %s is not calibrated; run 'pacs-node calibrate'", Path(path).name)
-        return cls(model, ck.meta, ck.tensors, device=device, checksum=ck.sha256, batch_size=batch_size, amp=amp)
 
     @property
     def model_name(self) -> str:
@@ -260,18 +273,25 @@ class Predictor:
         keys = list(keys) if keys is not None else component_keys(self.scoring)
         t0 = time.perf_counter()
         pcfg, scfg = self.preprocess_cfg, self.scoring
-        pre = preprocess(volume, pcfg)
+        source = volume
+        orient = None
+        if pcfg.reorient:
+            volume, orient = to_axial(volume)
+        brain = self.brain_mask(volume) if pcfg.region == "brain" else None
+        pre = preprocess(volume, pcfg, region=brain)
+        grid = pre.grid
         # The scoring region (foreground eroded by erode_mm) is computed on the
         # model grid, where the scores are, and mapped back: eroding the
         # source-resolution mask costs O(voxels x element) (23 s for 400
         # slices of 256 x 256) for a boundary that is only ever known to the
         # model's pixel size.
-        region_m = erode_mm(pre.fg, model_spacing(volume, pcfg.size), scfg.erode_mm)
+        region_m = erode_mm(pre.fg, model_spacing(volume, pcfg.size, grid), scfg.erode_mm)
         if not region_m.any():
             region_m = pre.fg
-        region_src = (from_model_grid(volume, region_m.astype(np.float32), linear=True) > 0.5) & pre.fg_source
+        region_src = (from_model_grid(volume, region_m.astype(np.float32), linear=True, grid=grid) > 0.5) & pre.fg_source
         if not region_src.any():
             region_src = pre.fg_source
+        measures = describe(volume, pre.fg_source, pre.image[pre.fg]) if "domain" in self.meta else {}
         t1 = time.perf_counter()
         model_maps: dict[str, np.ndarray] = {}
         if any(k in ("residual", "ssim", "feature") for k in keys):
@@ -301,10 +321,28 @@ class Predictor:
             else:
                 raise ValueError(f"unknown score component {k!r}")
             model_maps[k] = median_smooth(m * region_m, scfg.median_size, scfg.smooth_sigma)
-        maps = {k: np.maximum(from_model_grid(volume, v, linear=True), 0.0) * region_src for k, v in model_maps.items()}
+        maps = {k: np.maximum(from_model_grid(volume, v, linear=True, grid=grid), 0.0) * region_src
+                for k, v in model_maps.items()}
+        if orient is not None and not orient.identity:
+            maps = {k: orient.back(v) for k, v in maps.items()}
+            region_src = orient.back(region_src)
+            pre = Preprocessed(image=pre.image, fg=pre.fg, fg_source=orient.back(pre.fg_source), grid=grid)
+        del source
         t3 = time.perf_counter()
         return Components(maps=maps, region=region_src, pre=pre,
-                          seconds={"preprocess": t1 - t0, "inference": t2 - t1, "score": t3 - t2})
+                          seconds={"preprocess": t1 - t0, "inference": t2 - t1, "score": t3 - t2}, measures=measures)
+
+    def brain_mask(self, volume: Volume) -> np.ndarray:
+        """The brain mask of the checkpoint's brain-mask network on ``volume``'s grid.
+
+        Raises
+        ------
+        PreprocessError
+            When the checkpoint has no brain-mask network or no brain is found.
+        """
+        if self.brain_masker is None:
+            raise PreprocessError("this model has no brain-mask network")
+        return self.brain_masker.predict(volume)
 
     def finalize(self, volume: Volume, score: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, list[Finding], float]:
         """Threshold, post-process in 3D and describe findings.
@@ -355,5 +393,8 @@ class Predictor:
             "inference": comp.seconds["inference"],
             "postprocess": comp.seconds["score"] + (t1 - t0),
         }
+        domain = check_domain(self.meta.get("domain"), comp.measures)
+        if domain and not domain["in_domain"]:
+            log.warning("series outside the model's training domain: %s", "; ".join(domain["warnings"]))
         return Prediction(mask=mask, anomaly_map=amap, findings=findings, study_score=sscore,
-                          threshold=float(thr), timings=timings)
+                          threshold=float(thr), timings=timings, domain=domain)

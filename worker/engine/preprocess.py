@@ -34,6 +34,8 @@ __all__ = [
     "to_model_grid",
     "from_model_grid",
     "preprocess",
+    "ModelGrid",
+    "centred_grid",
     "context_stack",
     "context_stride",
 ]
@@ -75,6 +77,19 @@ class PreprocessConfig:
         MR foreground threshold as a fraction of the 99th percentile.
     ct_fg_hu:
         CT foreground threshold in HU.
+    region:
+        ``"head"``: the thresholded head/body foreground (phantom models);
+        ``"brain"``: the brain mask of the checkpoint's brain-mask network
+        (:mod:`.brainmask`): intensities are normalised on the brain, the
+        model sees the skull-stripped brain, and only the brain is scored.
+    pixel_mm:
+        ``None``: the model grid spans the series' in-plane field of view.
+        A number: the model grid has this pixel size (mm), centred on the
+        region's centroid, so every series is seen at one physical scale.
+    reorient:
+        Permute/flip the series to its nearest axial grid first (exact,
+        :mod:`.orient`), so sagittal and coronal acquisitions are read as
+        the axial slices the model was trained on.
     """
 
     size: tuple[int, int] = (64, 64)
@@ -86,6 +101,9 @@ class PreprocessConfig:
     clip: tuple[float, float] = (-0.5, 2.0)
     fg_fraction: float = 0.08
     ct_fg_hu: float = -500.0
+    region: str = "head"
+    pixel_mm: float | None = None
+    reorient: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,7 +117,20 @@ class PreprocessConfig:
         for k in ("size", "ct_window", "mr_percentiles", "clip"):
             if k in d:
                 d[k] = tuple(d[k])
-        return cls(**d)
+        cfg = cls(**d)
+        if cfg.region not in ("head", "brain"):
+            raise ValueError(f"unknown preprocessing region {cfg.region!r} (head, brain)")
+        if cfg.pixel_mm is not None and not float(cfg.pixel_mm) > 0:
+            raise ValueError(f"pixel_mm must be positive, got {cfg.pixel_mm!r}")
+        return cfg
+
+
+@dataclass(frozen=True)
+class ModelGrid:
+    """Geometry of the model grid in patient space: ITK-ordered spacing ``(x, y, z)`` and origin."""
+
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
 
 
 @dataclass
@@ -114,11 +145,14 @@ class Preprocessed:
         Foreground on the model grid, ``(z, H, W)`` bool.
     fg_source:
         Foreground on the source grid, ``(z, y, x)`` bool.
+    grid:
+        The model grid's geometry (``None``: the series' own field of view).
     """
 
     image: np.ndarray
     fg: np.ndarray
     fg_source: np.ndarray
+    grid: ModelGrid | None = None
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -267,8 +301,10 @@ def erode_mm(mask: np.ndarray, spacing: tuple[float, float, float], mm: float) -
     return out[tuple(slice(r, r + n) for r, n in zip(rad, mask.shape))]
 
 
-def _model_geometry(vol: Volume, size: tuple[int, int]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Spacing (x, y, z) and origin of the model grid with the same physical extent."""
+def _model_geometry(vol: Volume, size: tuple[int, int], grid: ModelGrid | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Spacing (x, y, z) and origin of the model grid: ``grid``, or the one with the series' physical extent."""
+    if grid is not None:
+        return grid.spacing, grid.origin
     ny, nx = vol.shape[1], vol.shape[2]
     sz, sy, sx = vol.spacing
     nsx, nsy = sx * nx / size[1], sy * ny / size[0]
@@ -277,9 +313,27 @@ def _model_geometry(vol: Volume, size: tuple[int, int]) -> tuple[tuple[float, ..
     return (nsx, nsy, sz), tuple(float(o) for o in origin)
 
 
-def model_spacing(vol: Volume, size: tuple[int, int]) -> tuple[float, float, float]:
+def centred_grid(vol: Volume, mask: np.ndarray, size: tuple[int, int], pixel_mm: float) -> ModelGrid:
+    """A model grid of ``pixel_mm`` pixels, ``size`` pixels, centred in-plane on ``mask``'s centroid.
+
+    Raises
+    ------
+    PreprocessError
+        When ``mask`` is empty.
+    """
+    if not mask.any():
+        raise PreprocessError("empty region: nothing to centre the model grid on")
+    _, cy, cx = (float(c) for c in ndi.center_of_mass(mask))
+    sz, sy, sx = vol.spacing
+    # patient position of the in-plane centre on slice 0, then the corner pixel centre
+    centre = np.asarray(vol.origin) + vol.direction @ np.array([cx * sx, cy * sy, 0.0])
+    corner = centre - vol.direction @ np.array([(size[1] - 1) / 2.0 * pixel_mm, (size[0] - 1) / 2.0 * pixel_mm, 0.0])
+    return ModelGrid(spacing=(float(pixel_mm), float(pixel_mm), float(sz)), origin=tuple(float(c) for c in corner))  # type: ignore[arg-type]
+
+
+def model_spacing(vol: Volume, size: tuple[int, int], grid: ModelGrid | None = None) -> tuple[float, float, float]:
     """Voxel size ``(z, y, x)`` in mm of ``vol`` resampled in-plane to ``size`` (the model grid)."""
-    (sx, sy, sz), _ = _model_geometry(vol, size)
+    (sx, sy, sz), _ = _model_geometry(vol, size, grid)
     return (float(sz), float(sy), float(sx))
 
 
@@ -297,7 +351,8 @@ def _resample(img: "object", spacing: tuple[float, ...], origin: tuple[float, ..
     return sitk.GetArrayFromImage(f.Execute(img))
 
 
-def to_model_grid(vol: Volume, array: np.ndarray, size: tuple[int, int], linear: bool = True) -> np.ndarray:
+def to_model_grid(vol: Volume, array: np.ndarray, size: tuple[int, int], linear: bool = True,
+                  grid: ModelGrid | None = None) -> np.ndarray:
     """Resample ``array`` (on ``vol``'s grid) in-plane to ``size`` (slices unchanged).
 
     Returns
@@ -305,16 +360,16 @@ def to_model_grid(vol: Volume, array: np.ndarray, size: tuple[int, int], linear:
     numpy.ndarray
         ``(z, size[0], size[1])`` float32.
     """
-    if array.shape[1:] == tuple(size):
+    if grid is None and array.shape[1:] == tuple(size):
         return array.astype(np.float32, copy=True)
-    spacing, origin = _model_geometry(vol, size)
+    spacing, origin = _model_geometry(vol, size, grid)
     src = vol.with_array(array.astype(np.float32)).to_sitk()
     out = _resample(src, spacing, origin, (size[1], size[0], vol.shape[0]),
                     tuple(vol.direction.reshape(-1)), linear)
     return out.astype(np.float32)
 
 
-def from_model_grid(vol: Volume, array: np.ndarray, linear: bool = True) -> np.ndarray:
+def from_model_grid(vol: Volume, array: np.ndarray, linear: bool = True, grid: ModelGrid | None = None) -> np.ndarray:
     """Map a model-grid array ``(z, H, W)`` back onto ``vol``'s grid ``(z, y, x)``.
 
     Returns
@@ -325,9 +380,9 @@ def from_model_grid(vol: Volume, array: np.ndarray, linear: bool = True) -> np.n
     import SimpleITK as sitk
 
     size = tuple(array.shape[1:])
-    if size == vol.shape[1:]:
+    if grid is None and size == vol.shape[1:]:
         return array.astype(np.float32, copy=True)
-    spacing, origin = _model_geometry(vol, (int(size[0]), int(size[1])))
+    spacing, origin = _model_geometry(vol, (int(size[0]), int(size[1])), grid)
     if linear:
         # Pad one model pixel (edge values) on each side so that linear
         # interpolation also covers the source pixels beyond the outermost
@@ -344,15 +399,18 @@ def from_model_grid(vol: Volume, array: np.ndarray, linear: bool = True) -> np.n
     return out.astype(np.float32)
 
 
-def preprocess(vol: Volume, cfg: PreprocessConfig) -> Preprocessed:
+def preprocess(vol: Volume, cfg: PreprocessConfig, region: np.ndarray | None = None) -> Preprocessed:
     """Foreground, normalisation and resampling to the model grid.
 
     Parameters
     ----------
     vol:
-        Source volume.
+        Source volume (already reoriented when ``cfg.reorient``).
     cfg:
         Preprocessing configuration.
+    region:
+        The brain mask on the source grid, required when ``cfg.region`` is
+        ``"brain"`` (:class:`~worker.engine.brainmask.BrainMasker`).
 
     Returns
     -------
@@ -362,13 +420,20 @@ def preprocess(vol: Volume, cfg: PreprocessConfig) -> Preprocessed:
     Raises
     ------
     PreprocessError
-        When the foreground is empty or the intensity range degenerate.
+        When the foreground is empty, the intensity range degenerate, or a
+        brain-region model gets no (or an empty) brain mask.
     """
-    fg = foreground_mask(vol.array, vol.modality, cfg)
+    if cfg.region == "brain":
+        if region is None or not region.any():
+            raise PreprocessError("no brain found in the series (empty brain mask)")
+        fg = np.asarray(region, bool)
+    else:
+        fg = foreground_mask(vol.array, vol.modality, cfg)
     norm = normalize(vol.array, fg, vol.modality, cfg)
-    img = to_model_grid(vol, norm, cfg.size, linear=True)
-    fgm = to_model_grid(vol, fg.astype(np.float32), cfg.size, linear=True) > 0.5
-    return Preprocessed(image=img, fg=fgm, fg_source=fg)
+    grid = centred_grid(vol, fg, cfg.size, float(cfg.pixel_mm)) if cfg.pixel_mm else None
+    img = to_model_grid(vol, norm, cfg.size, linear=True, grid=grid)
+    fgm = to_model_grid(vol, fg.astype(np.float32), cfg.size, linear=True, grid=grid) > 0.5
+    return Preprocessed(image=img, fg=fgm, fg_source=fg, grid=grid)
 
 
 def context_stride(slice_spacing: float, context_mm: float | None) -> int:

@@ -61,11 +61,9 @@ class TrainConfig:
     min_fg_fraction:
         Slices with less foreground are not used for training.
     seed:
-        Seed of every random draw.
-    max_minutes:
-        Wall-clock budget (0 = none): training stops when the next epoch would
-        overrun it, and the cosine schedule follows elapsed time when that is
-        ahead of the step count (runs that fit the budget stay deterministic).
+        Seed of every random draw. The budget is ``epochs x steps_per_epoch``
+        steps, never wall-clock time, so the same seed gives the same model
+        on a fast or a loaded machine.
     amp:
         ``"auto"`` (bf16 autocast on CUDA, or on CPUs with native bf16),
         ``"on"`` or ``"off"``.
@@ -101,7 +99,6 @@ class TrainConfig:
     intensity_jitter: tuple[float, float] = (0.15, 0.05)
     min_fg_fraction: float = 0.05
     seed: int = 0
-    max_minutes: float = 0.0
     amp: str = "auto"
     local_prob: float = 0.0
     local_kinds: tuple[str, ...] = LOCAL_KINDS
@@ -116,6 +113,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         """Inverse of :meth:`to_dict`."""
         d = dict(d)
+        d.pop("max_minutes", None)  # wall-clock budgets were removed; old checkpoints still load
         for k in ("noise_res", "scale", "intensity_jitter", "local_kinds", "local_radius"):
             if k in d:
                 d[k] = tuple(d[k])
@@ -189,8 +187,20 @@ def amp_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | None:
     return None
 
 
-def build_slices(volumes: list[Volume], pcfg: PreprocessConfig, min_fg_fraction: float = 0.0) -> SliceData:
+def build_slices(volumes: list[Volume], pcfg: PreprocessConfig, min_fg_fraction: float = 0.0,
+                 regions: list[np.ndarray] | None = None) -> SliceData:
     """Preprocess volumes and stack their slices with context channels.
+
+    Parameters
+    ----------
+    volumes:
+        Normal volumes (axial).
+    pcfg:
+        Preprocessing.
+    min_fg_fraction:
+        Slices with less foreground are left out.
+    regions:
+        Per volume, the brain mask for ``pcfg.region == "brain"``.
 
     Raises
     ------
@@ -198,8 +208,8 @@ def build_slices(volumes: list[Volume], pcfg: PreprocessConfig, min_fg_fraction:
         When no slice qualifies.
     """
     xs, fgs = [], []
-    for vol in volumes:
-        pp = preprocess(vol, pcfg)
+    for i, vol in enumerate(volumes):
+        pp = preprocess(vol, pcfg, region=regions[i] if regions is not None else None)
         stack = context_stack(pp.image, pcfg.context, context_stride(vol.spacing[0], pcfg.context_mm))
         keep = pp.fg.mean(axis=(1, 2)) >= min_fg_fraction
         xs.append(stack[keep])
@@ -277,18 +287,13 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
                 e.copy_(m)
 
 
-def _lr_lambda(cfg: TrainConfig, total: int, clock: dict[str, float]) -> Callable[[int], float]:
-    """Warm-up then cosine decay; with a time budget, progress is the larger of
-    the step fraction and the elapsed-time fraction (so a slow machine still
-    anneals before the budget ends; a fast one is unaffected and deterministic)."""
+def _lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    """Warm-up then cosine decay over ``total`` steps (a step count: reproducible on any machine)."""
 
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         p = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-        if cfg.max_minutes > 0 and "t0" in clock:
-            elapsed = clock["before"] + time.monotonic() - clock["t0"]
-            p = max(p, elapsed / (cfg.max_minutes * 60.0))
         return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
     return f
 
@@ -320,6 +325,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     max_epochs_this_run: int | None = None,
+    log_every: int = 50,
 ) -> TrainResult:
     """Train a U-Net on normal slices.
 
@@ -342,6 +348,8 @@ def train(
     max_epochs_this_run:
         Stop (as if interrupted) after this many epochs in this call; the
         state file lets a later call with ``resume=True`` continue.
+    log_every:
+        Steps between progress lines in the log (0: epochs only).
 
     Returns
     -------
@@ -370,8 +378,7 @@ def train(
     model = UNet(ucfg).to(dev).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * cfg.steps_per_epoch
-    clock: dict[str, float] = {"before": 0.0}
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total, clock))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
     gen = torch.Generator().manual_seed(cfg.seed)
     ema = copy.deepcopy(model) if cfg.ema > 0 else model
     res = TrainResult(model=model)
@@ -395,7 +402,6 @@ def train(
         log.info("resuming at epoch %d", start_epoch + 1)
     c = train_data.x.shape[1] // 2
     t0 = time.monotonic()
-    clock.update(t0=t0, before=elapsed_before)
     model.train()
     bar = tqdm(total=total, initial=start_epoch * cfg.steps_per_epoch, desc="training", unit="step",
                disable=not progress, dynamic_ncols=True)
@@ -417,6 +423,13 @@ def train(
             run = 0.9 * run + 0.1 * lv if step else lv
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{run:.5f}", lr=f"{sched.get_last_lr()[0]:.1e}", refresh=False)
+            done = epoch * cfg.steps_per_epoch + step + 1
+            if log_every and done % log_every == 0:
+                # the log gets the progress too, so a piped run is never silent
+                el = elapsed_before + time.monotonic() - t0
+                rate = (done - start_epoch * cfg.steps_per_epoch) / max(time.monotonic() - t0, 1e-9)
+                log.info("training: step %d/%d loss %.5f lr %.1e, %.0f s, about %.0f s left", done, total, run,
+                         sched.get_last_lr()[0], el, (total - done) / max(rate, 1e-9))
         val = validate(ema, val_data, cfg, dev)
         res.history.append({"epoch": epoch + 1, "train_loss": run, "val_loss": val})
         if val < res.best_val_loss:
@@ -444,9 +457,6 @@ def train(
             break
         if max_epochs_this_run is not None and epoch + 1 - start_epoch >= max_epochs_this_run and epoch + 1 < cfg.epochs:
             res.stopped = "interrupted"
-            break
-        if cfg.max_minutes and seconds + (seconds - elapsed_before) / (epoch + 1 - start_epoch) * 0.5 > cfg.max_minutes * 60:
-            res.stopped = "time_budget"
             break
     bar.close()
     model.load_state_dict(best_state)
