@@ -190,14 +190,17 @@ def make_ct_series(n: int, directory: Path, *, size: int = 512, seed: int = 0) -
 
 def mr_volume(slices: int, *, seed: int = 4242, size: int = 256,
               spacing: tuple[float, float, float] = (1.0, 0.9, 0.9)) -> np.ndarray:
-    """An anomalous synthetic MR volume (engine phantom, ``worker.engine.synthetic.make_case``), int16,
-    scaled like the tests' ``series_from_volume``; cached as .npy under ``out/data``."""
-    cache = OUT_DIR / "data" / f"mr-{slices}x{size}-s{seed}-{'x'.join(map(str, spacing))}.npy"
+    """A FLAIR head with one lesion, generated from the MNI template (``worker.engine.lesions``),
+    ``slices`` x ``size`` x ``size`` at ``spacing``, int16 in 0..3000; cached as .npy under ``out/data``."""
+    cache = OUT_DIR / "data" / f"head-{slices}x{size}-s{seed}-{'x'.join(map(str, spacing))}.npy"
     if cache.exists():
         return np.load(cache)
-    from worker.engine.synthetic import make_case
+    from worker.engine.anatomy import SubjectConfig
+    from worker.engine.lesions import make_lesion_subject
 
-    case = make_case(seed, anomalous=True, shape=(slices, size, size), spacing=spacing)
+    cfg = SubjectConfig(slices=slices, slice_spacing_mm=spacing[0], matrix=size,
+                        fov_mm=(size * spacing[1], size * spacing[1]), partial_coverage=0.0)
+    case = make_lesion_subject(seed, cfg, contrast="flair", n=(1, 1))
     v = np.asarray(case.volume.array, dtype=np.float64)
     lo, hi = float(v.min()), float(v.max())
     scaled = np.round((v - lo) / (hi - lo + 1e-9) * 3000).astype(np.int16)

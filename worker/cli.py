@@ -278,9 +278,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             train_anatomy(args.out, cfg, device=device, progress=progress, resume=args.resume,
                           model_name=args.name or "anatomy-demo")
         else:
-            masker = _brain_masker(args.brain_mask) if cfg.preprocess.region == "brain" else None
             vols = load_directory(args.data)
             tr, val, cal = _split(vols, args.seed)
+            masker = _brain_masker(args.brain_mask) if cfg.preprocess.region == "brain" else None
             select = _selection_cases(cal, masker, args.seed) if scoring == "auto" else None
             pred = fit(tr, val, cal, ucfg=cfg.unet, tcfg=cfg.train, pcfg=cfg.preprocess, scfg=cfg.scoring,
                        model_name=args.name or f"local-{args.data.name}",

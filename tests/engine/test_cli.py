@@ -171,7 +171,8 @@ def test_train_and_evaluate_on_dicom_directories(tmp_path: Path, capsys: pytest.
     sitk.WriteImage(mask, str(masks / f"{uid}.nii.gz"))
     model = tmp_path / "local.pt"
     assert _run(["train", "--data", str(normals), "--out", str(model), "--epochs", "1", "--steps-per-epoch", "2",
-                 "--batch-size", "4", "--depth", "2", "--base", "4", "--size", "32", "--scoring", "residual"]) == 0
+                 "--batch-size", "4", "--depth", "2", "--base", "4", "--size", "32", "--scoring", "residual",
+                 "--region", "head"]) == 0
     capsys.readouterr()
     assert _run(["evaluate", "--model", str(model), "--data", str(tests), "--masks", str(masks), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -200,19 +201,21 @@ def test_help_shows_every_default() -> None:
             assert "(default: " in text, f"{name} {a.option_strings}: no default in {text!r}"
         assert "None" not in p.format_help()
     train, cal, ev = (_flat_help(subs[n]) for n in ("train", "calibrate", "evaluate"))
-    assert "training epochs (default: 16, from the demo configuration; 3 with --fast)" in train
-    assert "batches per epoch (default: 100, from the demo configuration; 40 with --fast)" in train
-    assert "(default: 0.002, from the demo configuration)" in train and "(default: 64, from the demo" in train
+    assert ("training epochs (default: 20 with --anatomy or --data, 16 with --synthetic; with --fast 2 (--anatomy) "
+            "/ 3 (--synthetic))") in train
+    assert "batches per epoch (default: 100; with --fast 10 (--anatomy) / 40 (--synthetic))" in train
+    assert "peak learning rate (default: 0.002)" in train
+    assert "(default: 128 with --anatomy or --data, 64 with --synthetic)" in train
     assert ("auto: choose between residual and combined on held-out normals with injected synthetic lesions" in train
             and "(default: auto)" in train)
-    assert "(default: synthetic-demo with --synthetic, local-<DIR name> with --data)" in train
+    assert "with --anatomy, synthetic-demo with --synthetic, local-<DIR name> with --data)" in train
     eng = EngineSettings()
     for text in (train, cal, ev):
         assert f"(default: [engine] device, {eng.device!r} unless configured)" in text
         assert f"(default: [engine] num_threads, {eng.num_threads} unless configured;" in text
     assert f"(default: [engine] target_fpr, {eng.target_fpr} unless configured)" in cal
     assert "(default: the checkpoint's)" in cal and "(default: update MODEL in place)" in cal
-    assert "synthetic abnormal test studies (default: 24)" in ev and "(default: no plots)" in ev
+    assert "abnormal test studies of --anatomy / --synthetic (default: 30 / 24)" in ev and "(default: no plots)" in ev
 
 
 def test_cli_demo_defaults_are_the_demo_configuration() -> None:
@@ -230,6 +233,22 @@ def test_cli_demo_defaults_are_the_demo_configuration() -> None:
 
     assert flat(False) == DEMO_DEFAULTS
     assert {k: v for k, v in flat(True).items() if v != DEMO_DEFAULTS[k]} == DEMO_FAST_DEFAULTS
+
+
+def test_cli_anatomy_defaults_are_the_anatomy_configuration() -> None:
+    from worker.cli import ANATOMY_DEFAULTS, ANATOMY_FAST_DEFAULTS
+    from worker.engine.headdemo import anatomy_config
+
+    def flat(fast: bool) -> dict[str, Any]:
+        cfg = anatomy_config(fast)
+        t, u, s = cfg.train, cfg.unet, cfg.scoring
+        return {"epochs": t.epochs, "steps_per_epoch": t.steps_per_epoch, "batch_size": t.batch_size, "lr": t.lr,
+                "objective": t.objective, "loss": t.loss, "local_prob": t.local_prob, "depth": u.depth,
+                "base": u.base, "norm": u.norm, "context": cfg.preprocess.context, "size": cfg.preprocess.size[0],
+                "combine_with": s.combine_with, "combine_weight": s.combine_weight}
+
+    assert flat(False) == ANATOMY_DEFAULTS
+    assert {k: v for k, v in flat(True).items() if v != ANATOMY_DEFAULTS[k]} == ANATOMY_FAST_DEFAULTS
 
 
 def test_building_the_parser_imports_neither_torch_nor_scipy() -> None:

@@ -153,6 +153,9 @@ class SubjectConfig:
     snr: tuple[float, float] = (15.0, 60.0)
     bias: float = 0.25
     max_matrix: int = 384
+    slices: int | None = None  # fixed slice count over the coverage (benchmarks: a 400-slice study)
+    slice_spacing_mm: float | None = None  # with ``slices``: fixed spacing, coverage centred on the brain
+    matrix: int | None = None  # fixed in-plane matrix over the field of view
 
 
 @dataclass
@@ -274,8 +277,10 @@ def make_subject(
     sp_z = thick + gap
     sp_xy = float(rng.uniform(*cfg.inplane_spacing))
     fov = float(rng.uniform(*cfg.fov_mm))
-    n_xy = int(round(fov / sp_xy / 2) * 2)
-    if n_xy > cfg.max_matrix:  # keep the field of view, coarser pixels
+    n_xy = int(cfg.matrix) if cfg.matrix else int(round(fov / sp_xy / 2) * 2)
+    if cfg.matrix:
+        sp_xy = fov / n_xy
+    elif n_xy > cfg.max_matrix:  # keep the field of view, coarser pixels
         n_xy = int(cfg.max_matrix)
         sp_xy = fov / n_xy
     n_xy = max(64, n_xy)
@@ -291,7 +296,15 @@ def make_subject(
         span = (hi_mm - lo_mm) * rng.uniform(0.35, 0.8)
         start = rng.uniform(lo_mm, hi_mm - span)
         lo_mm, hi_mm = start, start + span
-    n_z = max(4, int(round((hi_mm - lo_mm) / sp_z)))
+    if cfg.slices:
+        if cfg.slice_spacing_mm:
+            mid = (lo_mm + hi_mm) / 2
+            sp_z = float(cfg.slice_spacing_mm)
+            lo_mm, hi_mm = mid - sp_z * cfg.slices / 2, mid + sp_z * cfg.slices / 2
+        else:
+            sp_z = (hi_mm - lo_mm) / cfg.slices
+        thick, gap = sp_z, 0.0
+    n_z = int(cfg.slices) if cfg.slices else max(4, int(round((hi_mm - lo_mm) / sp_z)))
     z_mm = lo_mm + (np.arange(n_z) + 0.5) * sp_z
     xy = (np.arange(n_xy) - (n_xy - 1) / 2.0) * sp_xy
     # slice profile: sub-samples across the thickness (partial volume)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .anatomy import CONTRASTS, SubjectConfig, make_subject
+from .anatomy import CONTRASTS, Subject, SubjectConfig, make_subject
 from .brainmask import BrainMaskConfig, BrainMasker, brain_slices, mask_dice, train_brain_masker
 from .lesions import make_lesion_subject
 from .model import UNetConfig
@@ -36,7 +36,8 @@ from .scoring import ScoringConfig
 from .train import TrainConfig
 from .volume import Volume
 
-__all__ = ["SEEDS", "AnatomyConfig", "anatomy_config", "anatomy_normals", "anatomy_cases", "anatomy_test_set",
+__all__ = ["SEEDS", "AnatomyConfig", "anatomy_config", "anatomy_normals", "anatomy_subjects", "anatomy_cases",
+           "anatomy_test_set",
            "build_brain_masker", "train_anatomy"]
 
 log = logging.getLogger(__name__)
@@ -88,18 +89,20 @@ def anatomy_normals(split: str, n: int, cfg: SubjectConfig | None = None) -> lis
     return [make_subject(base + i, cfg).volume for i in range(n)]
 
 
+def anatomy_subjects(split: str, n_abnormal: int, n_normal: int, cfg: SubjectConfig | None = None,
+                     kinds: dict[str, float] | None = None) -> list[Subject]:
+    """Abnormal (with lesions, their records in ``Subject.lesions``) then normal subjects of a split."""
+    base = SEEDS[split]
+    out = [make_lesion_subject(base + i, cfg, kinds=kinds) for i in range(n_abnormal)]
+    normal_base = SEEDS["test_normal"] if split == "test" else base + 500_000
+    out += [make_subject(normal_base + i, cfg) for i in range(n_normal)]
+    return out
+
+
 def anatomy_cases(split: str, n_abnormal: int, n_normal: int, cfg: SubjectConfig | None = None,
                   kinds: dict[str, float] | None = None) -> list[tuple[Volume, np.ndarray | None]]:
-    """Abnormal (with lesions) then normal ``(volume, mask)`` pairs of a split."""
-    base = SEEDS[split]
-    out: list[tuple[Volume, np.ndarray | None]] = []
-    for i in range(n_abnormal):
-        s = make_lesion_subject(base + i, cfg, kinds=kinds)
-        out.append((s.volume, s.mask))
-    normal_base = SEEDS["test_normal"] if split == "test" else base + 500_000
-    for i in range(n_normal):
-        out.append((make_subject(normal_base + i, cfg).volume, None))
-    return out
+    """Abnormal then normal ``(volume, mask)`` pairs of a split (``None``: normal)."""
+    return [(s.volume, s.mask if s.lesions else None) for s in anatomy_subjects(split, n_abnormal, n_normal, cfg, kinds)]
 
 
 def anatomy_test_set(n_abnormal: int = 30, n_normal: int = 20, cfg: SubjectConfig | None = None) -> list[tuple[Volume, np.ndarray | None]]:
