@@ -290,3 +290,40 @@ def test_remote_worker_without_shared_storage(tmp_path: Path, tiny_model: Path, 
     finally:
         w.stop()
         node.stop()
+
+
+def test_serve_demo_model_on_a_template_normal_head(tmp_path: Path, storescp: tuple[int, Path]) -> None:
+    """The shipped demo model, through `pacs-node serve`, on a normal head generated from the MNI
+    template (a held-out seed): the SEG's findings stay inside the normal false-positive budget."""
+    from pacs_node.serve import BUNDLED_DEMO_MODEL
+    from worker.engine.anatomy import SubjectConfig, make_subject
+    from worker.engine.headdemo import SEEDS
+
+    subject = make_subject(SEEDS["test_normal"] + 11, SubjectConfig(inplane_spacing=(1.1, 1.2), partial_coverage=0.0))
+    sp = subject.volume.spacing
+    ds = series_from_volume(subject.volume.array, spacing=sp)
+    files = write_files(ds, tmp_path / "head")
+    dest_port, received = storescp
+    cfg, dicom_port, _ = _config(tmp_path, db_url=f"sqlite:///{tmp_path / 'node.db'}", broker="embedded",
+                                 model=BUNDLED_DEMO_MODEL, dest_port=dest_port, start_worker=True)
+    node = Proc(["--config", str(cfg), "serve"], tmp_path / "node.log")
+    try:
+        _wait_port(dicom_port, node)
+        _send(files, dicom_port)
+        (job,) = _wait_jobs(cfg, 1, {"done"}, [tmp_path / "node.log"], timeout=200)
+        detail = json.loads(_cli(cfg, "jobs", "show", str(job["id"]), "--json").stdout)
+        findings = detail["findings"]
+        total_ml = sum(f["volume_mm3"] for f in findings["items"]) / 1000.0
+        assert total_ml <= NORMAL_BUDGET_ML, findings
+        assert findings["domain"]["in_domain"], findings["domain"]
+        seg_files = [f for f in received.rglob("*") if f.is_file() and dcmread(f, stop_before_pixels=True).SOPClassUID == SEG]
+        assert len(seg_files) == 1
+        seg = dcmread(seg_files[0])
+        voxels = int(seg.pixel_array.astype(bool).sum()) if "PixelData" in seg else 0
+        assert voxels * float(sp[0] * sp[1] * sp[2]) / 1000.0 == pytest.approx(total_ml, abs=0.01)
+    finally:
+        node.stop()
+
+
+#: the issue-12 target for a normal study: median false-positive volume at most 1 mL
+NORMAL_BUDGET_ML = 1.0

@@ -44,8 +44,8 @@ DEMO_FAST_DEFAULTS: dict[str, Any] = {"epochs": 3, "steps_per_epoch": 40}
 # = what worker.engine.headdemo.anatomy_config() gives: the real-anatomy demo,
 # also the configuration of --data (tested equal)
 ANATOMY_DEFAULTS: dict[str, Any] = {
-    "epochs": 20, "steps_per_epoch": 100, "batch_size": 16, "lr": 2e-3, "objective": "dae", "loss": "mse",
-    "local_prob": 0.5, "depth": 5, "base": 16, "norm": "group", "context": 1, "size": 128,
+    "epochs": 30, "steps_per_epoch": 100, "batch_size": 16, "lr": 2e-3, "objective": "dae", "loss": "mse",
+    "local_prob": 0.7, "depth": 5, "base": 16, "norm": "group", "context": 1, "size": 128,
     "combine_with": "intensity", "combine_weight": 0.5,
 }
 ANATOMY_FAST_DEFAULTS: dict[str, Any] = {"epochs": 2, "steps_per_epoch": 10, "depth": 4, "base": 8}

@@ -201,7 +201,7 @@ def test_help_shows_every_default() -> None:
             assert "(default: " in text, f"{name} {a.option_strings}: no default in {text!r}"
         assert "None" not in p.format_help()
     train, cal, ev = (_flat_help(subs[n]) for n in ("train", "calibrate", "evaluate"))
-    assert ("training epochs (default: 20 with --anatomy or --data, 16 with --synthetic; with --fast 2 (--anatomy) "
+    assert ("training epochs (default: 30 with --anatomy or --data, 16 with --synthetic; with --fast 2 (--anatomy) "
             "/ 3 (--synthetic))") in train
     assert "batches per epoch (default: 100; with --fast 10 (--anatomy) / 40 (--synthetic))" in train
     assert "peak learning rate (default: 0.002)" in train

@@ -28,11 +28,15 @@ import math
 import torch
 from torch.nn import functional as F
 
-__all__ = ["LOCAL_KINDS", "coarse_noise", "local_corruption", "soft_region"]
+__all__ = ["LOCAL_KINDS", "ALL_LOCAL_KINDS", "coarse_noise", "local_corruption", "soft_region"]
 
 log = logging.getLogger(__name__)
 
 LOCAL_KINDS = ("texture", "foreign", "intensity")
+#: ``"blob"``: the region replaced by a homogeneous random intensity (0 to 1.6 in
+#: normalised units, a little texture), the DRAEM-style corruption that teaches
+#: the network to replace, not copy, tissue of any contrast (real-anatomy model)
+ALL_LOCAL_KINDS = (*LOCAL_KINDS, "blob")
 
 
 def coarse_noise(x: torch.Tensor, fg: torch.Tensor, noise_res: tuple[int, ...], noise_std: float,
@@ -182,8 +186,8 @@ def local_corruption(
         For an unknown kind or a probability outside ``[0, 1]``.
     """
     for k in kinds:
-        if k not in LOCAL_KINDS:
-            raise ValueError(f"unknown local corruption {k!r} (choose from {', '.join(LOCAL_KINDS)})")
+        if k not in ALL_LOCAL_KINDS:
+            raise ValueError(f"unknown local corruption {k!r} (choose from {', '.join(ALL_LOCAL_KINDS)})")
     if not 0.0 <= prob <= 1.0:
         raise ValueError("prob must be in [0, 1]")
     out = x.clone()
@@ -220,6 +224,9 @@ def local_corruption(
                     donor = donor.flip(-1)
                 alpha = _uniform(gen, 0.5, 1.0)
                 new = (1 - alpha) * cur + alpha * donor
+            elif kind == "blob":
+                level = _uniform(gen, 0.0, 1.6)
+                new = level + _uniform(gen, 0.0, 0.06) * _blur(torch.randn((c, h, w), generator=gen), 1.0)
             else:  # intensity
                 sign = 1.0 if float(torch.rand(1, generator=gen)) < 0.5 else -1.0
                 new = cur * (1.0 + sign * _uniform(gen, 0.1, 0.45))

@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from .anatomy import CONTRASTS, Subject, SubjectConfig, make_subject
+from .corruption import ALL_LOCAL_KINDS
 from .brainmask import BrainMaskConfig, BrainMasker, brain_slices, mask_dice, train_brain_masker
 from .lesions import make_lesion_subject
 from .model import UNetConfig
-from .pipeline import fit, save_predictor
+from .pipeline import fit, record_evaluation, save_predictor
 from .preprocess import PreprocessConfig
 from .scoring import ScoringConfig
 from .train import TrainConfig
@@ -57,17 +58,21 @@ class AnatomyConfig:
     n_brain: int = 36
     n_brain_val: int = 4
     brain_steps: int = 1200
+    n_report_abnormal: int = 30  # the held-out test set, evaluated once the model is final (meta["evaluation"])
+    n_report_normal: int = 20
     subjects: SubjectConfig = field(default_factory=SubjectConfig)
     brain: BrainMaskConfig = field(default_factory=BrainMaskConfig)
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(depth=5, base=16))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=20, steps_per_epoch=100, batch_size=16, noise_res=(8, 16, 32), noise_std=0.15, local_prob=0.5,
-        rotate_deg=6.0, scale=(0.95, 1.05), patience=6, min_fg_fraction=0.02))
+        epochs=30, steps_per_epoch=100, batch_size=16, noise_res=(8, 16, 32), noise_std=0.15, local_prob=0.7,
+        local_kinds=ALL_LOCAL_KINDS, local_radius=(0.04, 0.22), rotate_deg=6.0, scale=(0.95, 1.05), patience=6,
+        min_fg_fraction=0.02))
     preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(
         size=(128, 128), region="brain", pixel_mm=1.6, reorient=True, mr_percentiles=(1.0, 99.0),
         clip=(-0.5, 2.0)))
     scoring: ScoringConfig = field(default_factory=lambda: ScoringConfig(
-        erode_mm=3.0, min_volume_mm3=150.0, smooth_sigma=0.7, median_size=(1, 3, 3), target_fpr=0.0005))
+        erode_mm=3.0, min_volume_mm3=150.0, smooth_sigma=0.7, median_size=(1, 3, 3), target_fpr=0.0005,
+        slice_offset=True))
 
 
 def anatomy_config(fast: bool = False) -> AnatomyConfig:
@@ -75,6 +80,7 @@ def anatomy_config(fast: bool = False) -> AnatomyConfig:
     cfg = AnatomyConfig()
     if fast:
         cfg.n_train, cfg.n_val, cfg.n_calib, cfg.n_select, cfg.n_brain, cfg.n_brain_val = 4, 1, 2, 2, 4, 1
+        cfg.n_report_abnormal, cfg.n_report_normal = 0, 0
         cfg.brain_steps = 40
         cfg.subjects = replace(cfg.subjects, inplane_spacing=(1.2, 2.0), slice_thickness=(3.0, 6.0))
         cfg.train = replace(cfg.train, epochs=2, steps_per_epoch=10)
@@ -83,19 +89,52 @@ def anatomy_config(fast: bool = False) -> AnatomyConfig:
     return cfg
 
 
+def _cached(key: str, make: Any) -> Any:
+    """``make()``, kept as a pickle under ``$PACS_NODE_ANATOMY_CACHE`` when that is set.
+
+    Subjects are a pure function of seed and configuration; caching them only
+    saves the generation time of repeated builds and benchmarks.
+    """
+    import hashlib
+    import os
+    import pickle
+
+    d = os.environ.get("PACS_NODE_ANATOMY_CACHE")
+    if not d:
+        return make()
+    path = Path(d) / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".pkl")
+    if path.is_file():
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    out = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+    return out
+
+
+def _subject(seed: int, cfg: SubjectConfig | None, lesions: bool = False, **kw: Any) -> Subject:
+    key = f"{'lesion' if lesions else 'normal'}|{seed}|{cfg or SubjectConfig()}|{sorted(kw.items())}"
+    if lesions:
+        return _cached(key, lambda: make_lesion_subject(seed, cfg, **kw))
+    return _cached(key, lambda: make_subject(seed, cfg, **kw))
+
+
 def anatomy_normals(split: str, n: int, cfg: SubjectConfig | None = None) -> list[Volume]:
     """``n`` normal generated heads of a split (see :data:`SEEDS`)."""
     base = SEEDS[split]
-    return [make_subject(base + i, cfg).volume for i in range(n)]
+    return [_subject(base + i, cfg).volume for i in range(n)]
 
 
 def anatomy_subjects(split: str, n_abnormal: int, n_normal: int, cfg: SubjectConfig | None = None,
                      kinds: dict[str, float] | None = None) -> list[Subject]:
     """Abnormal (with lesions, their records in ``Subject.lesions``) then normal subjects of a split."""
     base = SEEDS[split]
-    out = [make_lesion_subject(base + i, cfg, kinds=kinds) for i in range(n_abnormal)]
+    out = [_subject(base + i, cfg, lesions=True, kinds=kinds) for i in range(n_abnormal)]
     normal_base = SEEDS["test_normal"] if split == "test" else base + 500_000
-    out += [make_subject(normal_base + i, cfg) for i in range(n_normal)]
+    out += [_subject(normal_base + i, cfg) for i in range(n_normal)]
     return out
 
 
@@ -123,17 +162,25 @@ def build_brain_masker(cfg: AnatomyConfig, *, device: str = "cpu", seed: int = 0
     sub = replace(cfg.subjects, inplane_spacing=(max(cfg.subjects.inplane_spacing[0], 0.9), 2.0), max_matrix=256)
     vols, brains = [], []
     for i in range(cfg.n_brain):
-        # half the heads with random per-tissue contrast, half with the four sequences
-        s = make_subject(SEEDS["brain"] + seed * 1000 + i, sub, contrast="random" if i % 2 else None)
-        vols.append(s.volume)
+        # half the heads with random per-tissue contrast, half with the four sequences; every
+        # fourth one already skull-stripped (as many research and challenge data sets are), so
+        # the network keeps the whole brain when there is no skull around it
+        s = _subject(SEEDS["brain"] + seed * 1000 + i, sub, contrast="random" if i % 2 else None)
+        vol = s.volume
+        if i % 4 == 3:
+            vol = vol.with_array(np.where(s.brain, vol.array, 0.0).astype(np.float32))
+        vols.append(vol)
         brains.append(s.brain)
     x, y = brain_slices(vols, brains, cfg.brain)
     log.info("brain mask: %d slices from %d generated heads", len(x), len(vols))
     masker = train_brain_masker(x, y, cfg.brain, steps=cfg.brain_steps, seed=seed, device=device)
     dices = []
     for i in range(cfg.n_brain_val):
-        s = make_subject(SEEDS["brain_val"] + i, cfg.subjects, contrast=CONTRASTS[i % len(CONTRASTS)])
-        dices.append(mask_dice(masker.predict(s.volume), s.brain))
+        s = _subject(SEEDS["brain_val"] + i, cfg.subjects, contrast=CONTRASTS[i % len(CONTRASTS)])
+        vol = s.volume
+        if i % 4 == 3:  # one in four skull-stripped, as in training
+            vol = vol.with_array(np.where(s.brain, vol.array, 0.0).astype(np.float32))
+        dices.append(mask_dice(masker.predict(vol), s.brain))
     summary = {"n_train_heads": cfg.n_brain, "steps": cfg.brain_steps, "n_val_heads": cfg.n_brain_val,
                "dice_mean": float(np.mean(dices)) if dices else None, "dice_min": float(np.min(dices)) if dices else None,
                "seconds": round(time.monotonic() - t0, 1)}
@@ -172,6 +219,9 @@ def train_anatomy(out: Path, cfg: AnatomyConfig, *, device: str = "auto", progre
     )
     pred.meta["brain_mask_training"] = brain_summary
     pred.meta["training"]["total_build_seconds"] = round(time.monotonic() - t0, 1)
+    if cfg.n_report_abnormal or cfg.n_report_normal:
+        record_evaluation(pred, anatomy_test_set(cfg.n_report_abnormal, cfg.n_report_normal, cfg.subjects),
+                          f"held-out test set: anatomy_test_set({cfg.n_report_abnormal}, {cfg.n_report_normal})")
     save_predictor(pred, out)
     log.info("model written to %s in %.0f s", out, time.monotonic() - t0)
     return out

@@ -90,6 +90,7 @@ def to_axial(vol: Volume) -> tuple[Volume, Orientation]:
     origin = vol.index_to_patient(np.array(start[::-1], np.float64))
     new_dir = np.stack([d[:, perm[p]] * (-1.0 if flip[p] else 1.0) for p in range(3)], axis=1)
     new_sp_xyz = [sp_xyz[perm[p]] for p in range(3)]
-    out = Volume(o.forward(vol.array), tuple(new_sp_xyz[::-1]), tuple(float(v) for v in origin), new_dir,
-                 vol.modality, dict(vol.meta))
+    sp = (float(new_sp_xyz[2]), float(new_sp_xyz[1]), float(new_sp_xyz[0]))
+    org = (float(origin[0]), float(origin[1]), float(origin[2]))
+    out = Volume(o.forward(vol.array), sp, org, new_dir, vol.modality, dict(vol.meta))
     return out, o

@@ -26,7 +26,7 @@ from .scoring import ScoringConfig
 from .train import TrainConfig, build_slices, train
 from .volume import Volume
 
-__all__ = ["fit", "save_predictor", "select_method"]
+__all__ = ["fit", "save_predictor", "select_method", "record_evaluation"]
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +51,47 @@ def save_predictor(predictor: Predictor, path: Path) -> str:
     return sha
 
 
-def select_method(predictor: Predictor, cases: list[tuple[Volume, np.ndarray | None]]) -> dict[str, Any]:
+def select_method(predictor: Predictor, cases: list[tuple[Volume, np.ndarray | None]],
+                  normals: list[Volume] | None = None) -> dict[str, Any]:
     """Pick the calibrated U-Net scoring method with the best AUPRC + Dice on validation cases.
 
-    The cases must be disjoint from training, calibration and test data.
+    The cases must be disjoint from training and test data. ``normals``
+    (the calibration normals) join them as normal studies, so a method's
+    false positives on normal studies lower its pooled Dice; their
+    false-positive figures are recorded too.
     """
-    res = evaluate(predictor, cases, compare_methods=True)
+    all_cases = list(cases) + [(v, None) for v in normals or []]
+    res = evaluate(predictor, all_cases, compare_methods=True)
     ranking = {m: (r["auprc"] or 0.0) + r["dice"] for m, r in res.get("methods", {}).items()}
     best = max(ranking, key=lambda m: ranking[m])
     thr = predictor.meta["method_thresholds"][best]
     predictor.scoring = replace(predictor.scoring, method=best, threshold=float(thr))
     predictor.meta["scoring"] = predictor.scoring.to_dict()
-    sel = {"chosen": best, "criterion": "auprc+dice on synthetic validation anomalies", "n_cases": len(cases),
-           "scores": {m: {"auprc": r["auprc"], "dice": r["dice"]} for m, r in res["methods"].items()}}
+    keep = ("auroc", "auprc", "dice", "normal_fp_ml_median", "normal_fp_ml_mean", "normal_any_finding_share",
+            "normal_voxel_fpr")
+    sel = {"chosen": best, "criterion": "auprc+dice on held-out normals with injected lesions",
+           "n_cases": len(cases), "n_normals": len(normals or []),
+           "scores": {m: {k: r.get(k) for k in keep} for m, r in res["methods"].items()},
+           "baseline": {k: res["baseline"].get(k) for k in (*keep, "name", "polarity")} if "baseline" in res else None}
     predictor.meta["selection"] = sel
     log.info("scoring method %s selected (%s)", best, ", ".join(f"{m}={v:.3f}" for m, v in ranking.items()))
     return sel
+
+
+def record_evaluation(predictor: Predictor, cases: list[tuple[Volume, np.ndarray | None]], description: str) -> dict[str, Any]:
+    """Evaluate the finished model on held-out cases and record the figures in ``meta["evaluation"]``.
+
+    Nothing is chosen on these cases: the model, threshold and method are fixed before.
+    """
+    res = evaluate(predictor, cases, compare_methods=False)
+    keep = ("auroc", "auprc", "dice", "dice_per_study_mean", "sensitivity", "precision", "study_auroc", "n_normal",
+            "normal_fp_ml_mean", "normal_fp_ml_median", "normal_fp_ml_p95", "normal_any_finding_share",
+            "normal_voxel_fpr", "n_studies", "n_abnormal")
+    rec: dict[str, Any] = {"description": description, **{k: res.get(k) for k in keep}}
+    if "baseline" in res:
+        rec["baseline"] = {k: res["baseline"].get(k) for k in (*keep, "name", "polarity") if k in res["baseline"]}
+    predictor.meta["evaluation"] = rec
+    return rec
 
 
 def fit(
@@ -180,5 +205,5 @@ def fit(
     predictor = Predictor(result.model, meta, tensors, device=device)
     calibrate(predictor, calib_volumes, description=f"held-out normals: {data_description}")
     if select_cases:
-        select_method(predictor, select_cases)
+        select_method(predictor, select_cases, calib_volumes)
     return predictor

@@ -306,7 +306,7 @@ class Predictor:
         for k in keys:
             name, _, pol = k.partition(":")
             if name == "residual":
-                m = residual_map(pre.image, recon, scfg.edge_weight)
+                m = residual_map(pre.image, recon, scfg.edge_weight, region_m if scfg.slice_offset else None)
             elif name == "ssim":
                 m = ssim_map(pre.image, recon)
             elif name == "feature":

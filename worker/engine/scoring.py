@@ -73,6 +73,11 @@ class ScoringConfig:
         Edge-aware residual: ``|x - x̂| / (1 + edge_weight * |∇x̂|)``, which
         discounts the unavoidable reconstruction error on normal edges
         (0 = plain residual).
+    slice_offset:
+        Remove each slice's median signed residual inside the scoring region
+        before taking the absolute value, so a slice-wide intensity offset
+        (bias field, partial volume at the vertex, interleaving) the network
+        "corrects" is not scored as an anomaly.
     scales:
         Per-component normal 99th percentiles used by ``"combined"``.
     min_volume_mm3:
@@ -94,6 +99,7 @@ class ScoringConfig:
     combine_weight: float = 0.5
     combine_with: str = "intensity"
     edge_weight: float = 0.0
+    slice_offset: bool = False
     scales: dict[str, float] = field(default_factory=dict)
     min_volume_mm3: float = 200.0
     closing: bool = True
@@ -128,8 +134,9 @@ class ScoringConfig:
         return cfg
 
 
-def residual_map(x: np.ndarray, recon: np.ndarray, edge_weight: float = 0.0) -> np.ndarray:
-    """Absolute residual ``|x - recon|`` (float32), optionally edge-aware.
+def residual_map(x: np.ndarray, recon: np.ndarray, edge_weight: float = 0.0,
+                 offset_region: np.ndarray | None = None, min_pixels: int = 200) -> np.ndarray:
+    """Absolute residual ``|x - recon|`` (float32), optionally edge-aware and per-slice offset-free.
 
     Parameters
     ----------
@@ -138,13 +145,25 @@ def residual_map(x: np.ndarray, recon: np.ndarray, edge_weight: float = 0.0) -> 
     edge_weight:
         When positive, the residual is divided by ``1 + edge_weight * g``
         where ``g`` is the in-plane Sobel gradient magnitude of ``recon``.
+    offset_region:
+        When given, each slice's median of ``x - recon`` over this region
+        (slices with at least ``min_pixels`` region pixels) is subtracted
+        before the absolute value.
+    min_pixels:
+        See ``offset_region``.
 
     Returns
     -------
     numpy.ndarray
         Non-negative residual map.
     """
-    r = np.abs(x.astype(np.float32) - recon.astype(np.float32))
+    d = x.astype(np.float32) - recon.astype(np.float32)
+    if offset_region is not None:
+        for z in range(d.shape[0]):
+            m = offset_region[z]
+            if np.count_nonzero(m) >= min_pixels:
+                d[z] -= np.float32(np.median(d[z][m]))
+    r = np.abs(d)
     if edge_weight > 0:
         r = r / (1.0 + edge_weight * gradient_magnitude(recon))
     return r.astype(np.float32)

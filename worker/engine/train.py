@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .corruption import LOCAL_KINDS, coarse_noise, local_corruption
+from .corruption import ALL_LOCAL_KINDS, LOCAL_KINDS, coarse_noise, local_corruption
 from .model import UNet, UNetConfig
 from .preprocess import PreprocessConfig, context_stack, context_stride, preprocess
 from .volume import Volume
@@ -367,7 +367,7 @@ def train(
         raise ValueError(f"unknown objective {cfg.objective!r} (dae, ae)")
     if cfg.loss not in ("mse", "l1"):
         raise ValueError(f"unknown loss {cfg.loss!r} (mse, l1)")
-    unknown = sorted(set(cfg.local_kinds) - set(LOCAL_KINDS))
+    unknown = sorted(set(cfg.local_kinds) - set(ALL_LOCAL_KINDS))
     if unknown or not 0.0 <= cfg.local_prob <= 1.0:
         raise ValueError(f"invalid local corruption settings (kinds {unknown}, prob {cfg.local_prob})")
     if not 0.0 <= cfg.ema < 1.0:
