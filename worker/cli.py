@@ -21,9 +21,12 @@ log = logging.getLogger(__name__)
 
 
 def _settings(args: argparse.Namespace) -> Any:
+    """The validated ``[engine]`` settings; logging is configured from ``[logging]`` / ``--log-level``
+    on stderr, so training progress reaches a piped log (stdout stays for ``--json``)."""
+    from pacs_node.cli.common import load
     from worker.engine.settings import load_engine_settings
 
-    return load_engine_settings(getattr(args, "config", None))
+    return load_engine_settings(raw=load(args).engine)
 
 
 def _threads(args: argparse.Namespace, settings: Any) -> None:

@@ -116,6 +116,22 @@ def test_train_synthetic_tiny(tmp_path: Path) -> None:
     assert p.scoring.threshold is not None
 
 
+def test_piped_training_logs_its_progress(tmp_path: Path) -> None:
+    """A run piped to a file is never silent: progress goes to the log (stderr), not only to tqdm."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "m.pt"
+    res = subprocess.run([sys.executable, "-m", "pacs_node", "train", "--synthetic", "--fast", "--out", str(out),
+                          "--epochs", "2", "--steps-per-epoch", "2", "--batch-size", "4", "--depth", "2", "--base", "4",
+                          "--size", "32", "--scoring", "residual", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "epoch 1: train" in res.stderr and "epoch 2: train" in res.stderr, res.stderr[-2000:]
+    assert "calibrated residual threshold" in res.stderr
+    assert res.stdout.startswith("model written to")
+
+
 def test_engine_settings() -> None:
     s = EngineSettings()
     assert s.device == "auto" and str(s.model).endswith("models/demo.pt")
