@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .predictor import Predictor
-from .scoring import ScoringConfig, calibrate_threshold, component_keys, fuse
+from .scoring import ScoringConfig, calibrate_threshold, component_keys, fuse, method_variant
 from .volume import Volume
 
 __all__ = ["BASELINE_KEYS", "calibrate", "volumes_hash", "collect_normal_scores"]
@@ -27,6 +27,9 @@ BASELINE_KEYS = (
     "pixel_zscore:bright", "pixel_zscore:dark", "pixel_zscore:both",
 )
 ALL_UNET_KEYS = ("residual", "ssim")
+#: weights of the combined method's second term that are calibrated too, so the
+#: selection can choose between them (``method_thresholds["combined@W"]``)
+COMBINE_WEIGHTS = (0.25, 1.0, 2.0)
 
 
 def volumes_hash(volumes: list[Volume]) -> str:
@@ -123,8 +126,8 @@ def calibrate(
     }
     baselines = {k: calibrate_threshold(scores[k], scfg.target_fpr) for k in BASELINE_KEYS if k in scores}
     unet_thresholds = {}
-    for m in ("residual", "combined"):
-        alt = replace(scfg, method=m)
+    for m in ("residual", "combined", *(f"combined@{w:g}" for w in COMBINE_WEIGHTS)):
+        alt = method_variant(scfg, m)
         unet_thresholds[m] = calibrate_threshold(fuse(scores, alt), scfg.target_fpr)
     if measured and predictor.meta.get("domain"):
         # the threshold holds for the calibration series too: the domain spans both sets

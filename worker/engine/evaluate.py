@@ -24,7 +24,7 @@ import numpy as np
 from .calibrate import BASELINE_KEYS
 from .metrics import auroc, average_precision, binary_metrics, pr_curve, roc_curve
 from .predictor import Predictor
-from .scoring import component_keys, fuse
+from .scoring import component_keys, fuse, method_variant
 from .volume import Volume
 
 __all__ = ["evaluate", "EvalOutputs", "BASELINE_NAMES"]
@@ -224,7 +224,7 @@ def evaluate(
     mthr: dict[str, float] = predictor.meta.get("method_thresholds", {}) if compare_methods else {}
     methods: dict[str, tuple[Any, float]] = {"unet": (predictor.scoring, float(predictor.scoring.threshold))}
     for m, thr in mthr.items():
-        methods[f"unet:{m}"] = (replace(predictor.scoring, method=m), float(thr))
+        methods[f"unet:{m}"] = (method_variant(predictor.scoring, m), float(thr))
     for k, thr in bthr.items():
         name, _, pol = k.partition(":")
         methods[k] = (replace(predictor.scoring, method=name, polarity=pol), float(thr))

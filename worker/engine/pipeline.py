@@ -22,7 +22,7 @@ from .model import UNetConfig
 from .orient import to_axial
 from .predictor import Predictor
 from .preprocess import PreprocessConfig, preprocess
-from .scoring import ScoringConfig
+from .scoring import ScoringConfig, method_variant
 from .train import TrainConfig, build_slices, train
 from .volume import Volume
 
@@ -65,7 +65,7 @@ def select_method(predictor: Predictor, cases: list[tuple[Volume, np.ndarray | N
     ranking = {m: (r["auprc"] or 0.0) + r["dice"] for m, r in res.get("methods", {}).items()}
     best = max(ranking, key=lambda m: ranking[m])
     thr = predictor.meta["method_thresholds"][best]
-    predictor.scoring = replace(predictor.scoring, method=best, threshold=float(thr))
+    predictor.scoring = replace(method_variant(predictor.scoring, best), threshold=float(thr))
     predictor.meta["scoring"] = predictor.scoring.to_dict()
     keep = ("auroc", "auprc", "dice", "normal_fp_ml_median", "normal_fp_ml_mean", "normal_any_finding_share",
             "normal_voxel_fpr")

@@ -26,6 +26,7 @@ __all__ = [
     "fuse",
     "component_keys",
     "calibrate_threshold",
+    "method_variant",
     "to_unit",
 ]
 
@@ -330,6 +331,26 @@ def component_keys(cfg: ScoringConfig) -> list[str]:
             return ["residual", "feature"]
         return ["residual", f"{cfg.combine_with}:{cfg.polarity}"]
     raise ValueError(f"unknown scoring method {m!r}")
+
+
+def method_variant(cfg: ScoringConfig, key: str) -> ScoringConfig:
+    """The scoring configuration of a method key: ``"residual"``, ``"combined"`` or ``"combined@W"``
+    (combined with weight ``W``), as stored in a checkpoint's ``method_thresholds``.
+
+    Raises
+    ------
+    ValueError
+        For a malformed weight.
+    """
+    from dataclasses import replace
+
+    name, _, weight = key.partition("@")
+    if weight:
+        try:
+            return replace(cfg, method=name, combine_weight=float(weight))
+        except ValueError:
+            raise ValueError(f"malformed method key {key!r}") from None
+    return replace(cfg, method=name)
 
 
 def calibrate_threshold(normal_scores: np.ndarray, target_fpr: float) -> float:
