@@ -1,4 +1,4 @@
-"""End to end: a synthetic MR study held by Orthanc, pushed to pacs-node
+"""End to end: an MR study (a FLAIR head generated from the MNI template, with one lesion) held by Orthanc, pushed to pacs-node
 (``POST /modalities/pacsnode/store``), analysed, and the SEG + SR delivered
 back to Orthanc (C-STORE). Wall time from the store request until the SEG and
 the SR are both found in Orthanc (REST polled every 0.1 s), with the per-stage
@@ -70,7 +70,7 @@ def resolve_model(arg: str | None) -> tuple[Path, str]:
         return demo, "pacs-node-data/models/demo.pt (the demo model)"
     shipped = REPO / "pacs_node" / "data" / "demo-model.pt"
     if shipped.exists():
-        return shipped, "pacs_node/data/demo-model.pt (the shipped synthetic demo model, `pacs-node train --synthetic`)"
+        return shipped, "pacs_node/data/demo-model.pt (the shipped demo model, `pacs-node train --anatomy`)"
     fast = OUT_DIR / "models" / "demo-fast.pt"
     if not fast.exists():
         log("training the fast synthetic demo model (~1 min)")

@@ -233,8 +233,8 @@ class NodeServer:
 
 #: The engine's default model path (``[engine] model``).
 DEFAULT_MODEL = Path("./pacs-node-data/models/demo.pt")
-#: The demo model shipped with the project (trained on synthetic data by
-#: ``pacs-node train --synthetic``; see docs/benchmarks.md).
+#: The demo model shipped with the project (trained on heads generated from the
+#: MNI ICBM152 template by ``pacs-node train --anatomy``; see docs/benchmarks.md).
 BUNDLED_DEMO_MODEL = Path(__file__).resolve().parent / "data" / "demo-model.pt"
 
 
