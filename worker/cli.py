@@ -312,7 +312,10 @@ def _brain_masker(path: Path | None) -> Any:
     if path is None:
         path = Path(__file__).resolve().parent.parent / "pacs_node" / "data" / "demo-model.pt"
     ck = load_checkpoint(path)
-    masker = BrainMasker.from_checkpoint_parts(ck.meta, ck.tensors)
+    try:
+        masker = BrainMasker.from_checkpoint_parts(ck.meta, ck.tensors)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path.name}: its brain-mask network cannot be loaded: {exc}") from None
     if masker is None:
         raise CheckpointError(f"{path.name} has no brain-mask network; pass --brain-mask MODEL or --region head")
     return masker
@@ -393,7 +396,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                          target_fpr=args.target_fpr if args.target_fpr is not None else st.target_fpr,
                          polarity=args.polarity, description=desc, **_combine_over(args))
         save_predictor(pred, args.out or args.model)
-    except (CheckpointError, SeriesError, ValueError) as exc:
+    except (CheckpointError, SeriesError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({"threshold": info["scoring"]["threshold"], "method": info["scoring"]["method"],
@@ -461,7 +464,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         else:
             cases = _real_cases(args.data, args.masks)
         res = evaluate(pred, cases, plots_dir=args.plots)
-    except (CheckpointError, SeriesError, ValueError) as exc:
+    except (CheckpointError, SeriesError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     res["model"] = {"name": pred.model_name, "version": pred.model_version, "sha256": pred.checksum}

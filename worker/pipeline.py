@@ -176,7 +176,9 @@ def process(ctx: WorkerContext, job_id: int) -> str:
 
 
 def _process_claimed(ctx: WorkerContext, job_id: int) -> None:
+    from worker.engine.checkpoint import CheckpointError
     from worker.engine.dicom_io import SeriesError, load_series_headers
+    from worker.engine.preprocess import PreprocessError
     from worker.outputs.build import save_output_rows
 
     timings: dict[str, float] = {}
@@ -196,7 +198,7 @@ def _process_claimed(ctx: WorkerContext, job_id: int) -> None:
         predictor = ctx.predictor(profile)
     except FileNotFoundError as exc:
         raise PermanentJobError(f"model not found: {exc}") from None
-    except ValueError as exc:  # CheckpointError and bad settings
+    except (ValueError, CheckpointError) as exc:  # bad checkpoint, bad settings, CUDA unavailable
         raise PermanentJobError(f"model cannot be loaded: {exc}") from None
     files = _fetch(ctx, study_uid, series_uid)
     with files, paused_gc():
@@ -207,7 +209,12 @@ def _process_claimed(ctx: WorkerContext, job_id: int) -> None:
         timings["load"] = time.perf_counter() - t0
         if ctx.worker.pre_inference_delay_seconds:
             time.sleep(ctx.worker.pre_inference_delay_seconds)
-        prediction = predictor.predict(volume)
+        try:
+            prediction = predictor.predict(volume)
+        except PreprocessError as exc:  # e.g. no brain found, empty foreground
+            raise PermanentJobError(f"series cannot be analysed: {exc}") from None
+        except CheckpointError as exc:  # e.g. an uncalibrated model
+            raise PermanentJobError(f"model cannot be used: {exc}") from None
         timings["inference"] = float(prediction.timings.get("preprocess", 0.0) + prediction.timings.get("inference", 0.0))
         timings["postprocess"] = float(prediction.timings.get("postprocess", 0.0))
         t1 = time.perf_counter()

@@ -26,6 +26,16 @@ def test_template_is_real_anatomy() -> None:
     assert (tpl.maps[tpl.DIST] > 10).any()
 
 
+def test_template_is_in_the_dicom_patient_frame() -> None:
+    """Array axes (z, y, x) run superior, posterior, left (LPS), as a DICOM axial series: the
+    cerebellum (the brain's lowest slices) lies behind the brain's centre."""
+    tpl = load_template()
+    brain = tpl.maps[tpl.BRAIN] > 0.5
+    zs = np.nonzero(brain.any(axis=(1, 2)))[0]
+    inferior = np.argwhere(brain[zs[0]:zs[0] + 25])
+    assert inferior[:, 1].mean() > tpl.center[1] + 15
+
+
 def test_subject_is_deterministic_and_distinct() -> None:
     a, b, c = make_subject(7, SMALL), make_subject(7, SMALL), make_subject(8, SMALL)
     np.testing.assert_array_equal(a.volume.array, b.volume.array)

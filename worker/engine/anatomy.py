@@ -36,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 from scipy import ndimage as ndi
 
+from .orient import to_axial
 from .volume import Volume
 
 __all__ = ["CONTRASTS", "TISSUES", "Template", "Subject", "SubjectConfig", "Tissue", "load_template",
@@ -110,7 +111,14 @@ def load_template() -> Template:
     import SimpleITK as sitk
 
     d = template_dir()
-    raw = {k: sitk.GetArrayFromImage(sitk.ReadImage(str(d / f))).astype(np.float32) / 255.0 for k, f in _FILES.items()}
+    raw = {}
+    for k, f in _FILES.items():
+        # nilearn's files are stored RAS (index x towards the right, y towards anterior); the
+        # generator's frame is DICOM's LPS (x towards the left, y posterior, z superior), so the
+        # arrays are brought to LPS with the exact reorientation the engine uses for series
+        img = sitk.ReadImage(str(d / f))
+        vol, _ = to_axial(Volume.from_sitk(img))
+        raw[k] = vol.array.astype(np.float32) / 255.0
     gm, wm = raw["gm"], raw["wm"]
     tissue = (gm + wm) > 0.3
     # The brain: tissue closed over the sulci, holes (ventricles) filled.
@@ -145,7 +153,9 @@ class SubjectConfig:
     slice_thickness: tuple[float, float] = (1.0, 6.0)
     inplane_spacing: tuple[float, float] = (0.5, 1.2)
     fov_mm: tuple[float, float] = (200.0, 256.0)
-    rotation_deg: tuple[float, float, float] = (15.0, 8.0, 10.0)  # pitch (about x), roll (about y), yaw (about z)
+    # rotation ranges about the (z, y, x) array axes in turn: yaw (about the superior axis),
+    # roll (about the anterior-posterior axis) and pitch (nodding, about the left-right axis)
+    rotation_deg: tuple[float, float, float] = (15.0, 8.0, 10.0)
     translation_mm: float = 12.0
     scale: tuple[float, float] = (0.9, 1.1)
     deform_mm: float = 3.0

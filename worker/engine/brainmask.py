@@ -23,12 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage as ndi
 from torch.nn import functional as F
 
 from .model import UNet, UNetConfig
-from .preprocess import (PreprocessConfig, PreprocessError, _largest_component, fill_holes_2d, foreground_mask,
-                         from_model_grid, normalize, to_model_grid)
+from .preprocess import (ModelGrid, PreprocessConfig, PreprocessError, _largest_component, fill_holes_2d,
+                         foreground_mask, from_model_grid, normalize, to_model_grid)
 from .volume import Volume
 
 __all__ = ["BrainMaskConfig", "BrainMasker", "train_brain_masker", "brain_slices"]
@@ -61,13 +60,28 @@ class BrainMaskConfig:
         return cls(**d)
 
 
-def _head_input(vol: Volume, cfg: BrainMaskConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised whole-FOV slices ``(z, 1, H, W)`` on the network grid and the head foreground."""
+def network_grid(vol: Volume, size: tuple[int, int]) -> ModelGrid:
+    """The network's grid: square pixels, ``size`` of them, covering the larger side of the field of view.
+
+    A rectangular field of view (or a sagittal 3D series read as axial) is
+    padded, never stretched, so the head keeps its shape.
+    """
+    sz, sy, sx = vol.spacing
+    _, ny, nx = vol.shape
+    px = max(nx * sx / size[1], ny * sy / size[0])
+    centre = np.asarray(vol.origin) + vol.direction @ np.array([(nx - 1) / 2.0 * sx, (ny - 1) / 2.0 * sy, 0.0])
+    corner = centre - vol.direction @ np.array([(size[1] - 1) / 2.0 * px, (size[0] - 1) / 2.0 * px, 0.0])
+    return ModelGrid(spacing=(float(px), float(px), float(sz)), origin=(float(corner[0]), float(corner[1]), float(corner[2])))
+
+
+def _head_input(vol: Volume, cfg: BrainMaskConfig) -> tuple[np.ndarray, np.ndarray, ModelGrid]:
+    """Normalised slices ``(z, 1, H, W)`` on the network grid, the head foreground, and the grid."""
     pcfg = PreprocessConfig(size=cfg.size, mr_percentiles=cfg.percentiles, clip=(0.0, 1.5))
     head = foreground_mask(vol.array, vol.modality, pcfg)
     norm = normalize(vol.array, head, vol.modality, pcfg)
-    img = to_model_grid(vol, norm, cfg.size, linear=True)
-    return img[:, None], head
+    grid = network_grid(vol, cfg.size)
+    img = to_model_grid(vol, norm, cfg.size, linear=True, grid=grid)
+    return img[:, None], head, grid
 
 
 class BrainMasker:
@@ -113,15 +127,15 @@ class BrainMasker:
         """``(meta_entry, tensors)`` to store in a checkpoint."""
         return self.cfg.to_dict(), {PREFIX + k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
-    def probability(self, vol: Volume, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """Brain probability on the network grid ``(z, H, W)`` and the head foreground on the source grid."""
-        x, head = _head_input(vol, self.cfg)
+    def probability(self, vol: Volume, batch: int = 64) -> tuple[np.ndarray, np.ndarray, ModelGrid]:
+        """Brain probability on the network grid ``(z, H, W)``, the head foreground on the source grid, the grid."""
+        x, head, grid = _head_input(vol, self.cfg)
         out = np.empty((x.shape[0],) + tuple(self.cfg.size), np.float32)
         with torch.inference_mode():
             for i in range(0, len(x), batch):
                 t = torch.from_numpy(np.ascontiguousarray(x[i:i + batch])).to(self.device)
                 out[i:i + len(t)] = torch.sigmoid(self.model(t).float())[:, 0].cpu().numpy()
-        return out, head
+        return out, head, grid
 
     def predict(self, vol: Volume) -> np.ndarray:
         """Boolean brain mask on ``vol``'s grid.
@@ -131,8 +145,8 @@ class BrainMasker:
         PreprocessError
             When the series has no head foreground or no brain is found.
         """
-        prob, head = self.probability(vol)
-        src = from_model_grid(vol, prob, linear=True) >= self.cfg.threshold
+        prob, head, grid = self.probability(vol)
+        src = from_model_grid(vol, prob, linear=True, grid=grid) >= self.cfg.threshold
         src &= head
         if not src.any():
             raise PreprocessError("no brain found in the series")
@@ -143,8 +157,8 @@ def brain_slices(volumes: list[Volume], brains: list[np.ndarray], cfg: BrainMask
     """Network inputs ``(N, 1, H, W)`` and brain targets ``(N, 1, H, W)`` from volumes with exact masks."""
     xs, ys = [], []
     for vol, brain in zip(volumes, brains):
-        x, _ = _head_input(vol, cfg)
-        y = to_model_grid(vol, brain.astype(np.float32), cfg.size, linear=True)
+        x, _, grid = _head_input(vol, cfg)
+        y = to_model_grid(vol, brain.astype(np.float32), cfg.size, linear=True, grid=grid)
         xs.append(x)
         ys.append(y[:, None])
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
@@ -234,7 +248,3 @@ def mask_dice(pred: np.ndarray, truth: np.ndarray) -> float:
     a, b = np.asarray(pred, bool), np.asarray(truth, bool)
     s = int(a.sum()) + int(b.sum())
     return 1.0 if s == 0 else 2.0 * float(np.count_nonzero(a & b)) / s
-
-
-def _unused() -> None:  # pragma: no cover - keeps ndi imported for type checkers of older scipy stubs
-    _ = ndi

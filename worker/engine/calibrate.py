@@ -131,11 +131,14 @@ def calibrate(
         unet_thresholds[m] = calibrate_threshold(fuse(scores, alt), scfg.target_fpr)
     if measured and predictor.meta.get("domain"):
         # the threshold holds for the calibration series too: the domain spans both sets
+        # (the training ranges joined with this calibration set's: recalibrating starts again from
+        # the training ranges, so an earlier calibration set never widens the domain for good)
         dom = predictor.meta["domain"]
-        for k, (lo, hi) in list(dom["ranges"].items()):
+        base = dom.get("train_ranges", dom["ranges"])
+        dom["train_ranges"] = {k: list(v) for k, v in base.items()}
+        for k, (lo, hi) in base.items():
             vals = [m[k] for m in measured if k in m]
-            if vals:
-                dom["ranges"][k] = [float(min(lo, min(vals))), float(max(hi, max(vals)))]
+            dom["ranges"][k] = [float(min(lo, min(vals))), float(max(hi, max(vals)))] if vals else [lo, hi]
         dom["n_calibration_series"] = len(measured)
     predictor.meta["scoring"] = scfg.to_dict()
     predictor.meta["baselines"] = {"thresholds": baselines, "target_fpr": scfg.target_fpr}

@@ -169,7 +169,9 @@ def local_corruption(
     kinds:
         Corruptions to draw from: ``"texture"`` (fine-grained noise, mean
         kept near the local mean), ``"foreign"`` (tissue from another sample,
-        possibly mirrored) and ``"intensity"`` (local brightening/darkening).
+        possibly mirrored), ``"intensity"`` (local brightening/darkening) and
+        ``"blob"`` (a homogeneous region of random intensity, see
+        :data:`ALL_LOCAL_KINDS`).
     radius:
         Semi-axis range as a fraction of the image width.
     max_regions:

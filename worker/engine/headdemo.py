@@ -43,6 +43,9 @@ __all__ = ["SEEDS", "AnatomyConfig", "anatomy_config", "anatomy_normals", "anato
 
 log = logging.getLogger(__name__)
 
+#: part of the subject-cache key: bump it whenever anatomy.py or lesions.py changes what a seed draws
+GENERATOR_VERSION = "2"
+
 SEEDS = {"train": 0, "val": 10_000, "calib": 20_000, "select": 30_000, "brain": 40_000, "brain_val": 45_000,
          "test": 1_000_000, "test_normal": 1_500_000}
 
@@ -116,7 +119,7 @@ def _cached(key: str, make: Any) -> Any:
 
 
 def _subject(seed: int, cfg: SubjectConfig | None, lesions: bool = False, **kw: Any) -> Subject:
-    key = f"{'lesion' if lesions else 'normal'}|{seed}|{cfg or SubjectConfig()}|{sorted(kw.items())}"
+    key = f"{GENERATOR_VERSION}|{'lesion' if lesions else 'normal'}|{seed}|{cfg or SubjectConfig()}|{sorted(kw.items())}"
     if lesions:
         return _cached(key, lambda: make_lesion_subject(seed, cfg, **kw))
     return _cached(key, lambda: make_subject(seed, cfg, **kw))
@@ -165,7 +168,8 @@ def build_brain_masker(cfg: AnatomyConfig, *, device: str = "cpu", seed: int = 0
         # half the heads with random per-tissue contrast, half with the four sequences; every
         # fourth one already skull-stripped (as many research and challenge data sets are), so
         # the network keeps the whole brain when there is no skull around it
-        s = _subject(SEEDS["brain"] + seed * 1000 + i, sub, contrast="random" if i % 2 else None)
+        # another training seed draws other heads, far from every split's seed range
+        s = _subject(SEEDS["brain"] + i + seed * 100_000_000, sub, contrast="random" if i % 2 else None)
         vol = s.volume
         if i % 4 == 3:
             vol = vol.with_array(np.where(s.brain, vol.array, 0.0).astype(np.float32))

@@ -285,6 +285,7 @@ def inject_into_volume(vol: Volume, brain: np.ndarray | None, rng: np.random.Gen
     smooth = ndi.gaussian_filter(a, 1.0)
     out = a.copy()
     mask = np.zeros(a.shape, bool)
+    touched = np.zeros(a.shape, bool)
     for _ in range(int(rng.integers(n[0], n[1] + 1))):
         c = idx[rng.integers(len(idx))].astype(np.float64)
         radii = rng.uniform(3.0, 20.0) * rng.uniform(0.7, 1.3, 3)
@@ -292,7 +293,10 @@ def inject_into_volume(vol: Volume, brain: np.ndarray | None, rng: np.random.Gen
         factor = rng.uniform(1.25, 1.8) if rng.random() < 0.6 else rng.uniform(0.35, 0.75)
         out = out + w * (factor * med - smooth)
         mask |= w >= 0.5
-    return vol.with_array(np.maximum(out, 0.0).astype(np.float32)), mask
+        touched |= w > 0
+    # only the lesions are clamped (at the series' own minimum: CT keeps its negative HU)
+    out = np.where(touched, np.maximum(out, float(a.min())), a)
+    return vol.with_array(out.astype(np.float32)), mask
 
 
 def _erode_iso(mask: np.ndarray, spacing: tuple[float, float, float], mm: float) -> np.ndarray:

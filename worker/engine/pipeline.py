@@ -66,6 +66,9 @@ def select_method(predictor: Predictor, cases: list[tuple[Volume, np.ndarray | N
     best = max(ranking, key=lambda m: ranking[m])
     thr = predictor.meta["method_thresholds"][best]
     predictor.scoring = replace(method_variant(predictor.scoring, best), threshold=float(thr))
+    if best.startswith("combined@"):
+        # plain "combined" now means the chosen weight: keep its threshold consistent
+        predictor.meta["method_thresholds"]["combined"] = float(thr)
     predictor.meta["scoring"] = predictor.scoring.to_dict()
     keep = ("auroc", "auprc", "dice", "normal_fp_ml_median", "normal_fp_ml_mean", "normal_any_finding_share",
             "normal_voxel_fpr")
@@ -195,7 +198,7 @@ def fit(
             "history": result.history,
         },
         "validation": {"val_loss": result.best_val_loss, "val_data_sha256": volumes_hash(val_volumes)},
-        "domain": domain,
+        "domain": {**domain, "train_ranges": {k: list(v) for k, v in domain["ranges"].items()}},
     }
     tensors = atlas.to_tensors()
     if brain_masker is not None:

@@ -74,8 +74,8 @@ class Prediction:
         on (:func:`~worker.engine.domain.check_domain`)::
 
             {"in_domain": bool,
-             "warnings": ["slice thickness 8.0 mm is outside the training range 1.0-6.0 mm", ...],
-             "checks": {"slice_thickness_mm": {"value": 8.0, "range": [1.0, 6.0], "ok": False}, ...}}
+             "warnings": ["slice spacing 8 mm is outside the training range 1-6.6 mm", ...],
+             "checks": {"slice_spacing_mm": {"value": 8.0, "range": [1.0, 6.6], "ok": False}, ...}}
 
         Empty for checkpoints that carry no training-domain record.
     """
@@ -129,7 +129,8 @@ class Predictor:
     Raises
     ------
     ValueError
-        When CUDA is requested but unavailable.
+        When CUDA is requested but unavailable, or a brain-region model has
+        no brain-mask network.
     """
 
     def __init__(self, model: UNet, meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None,
@@ -170,11 +171,15 @@ class Predictor:
             model.load_state_dict(ck.state_dict, strict=True)
             PreprocessConfig.from_dict(ck.meta["preprocess"])
             ScoringConfig.from_dict(ck.meta["scoring"])
-            if ck.meta["scoring"].get("threshold") is None:
-                log.warning("checkpoint %s is not calibrated; run 'pacs-node calibrate'", Path(path).name)
-            return cls(model, ck.meta, ck.tensors, device=device, checksum=ck.sha256, batch_size=batch_size, amp=amp)
+            masker = BrainMasker.from_checkpoint_parts(ck.meta, ck.tensors, "cpu")
+            if PreprocessConfig.from_dict(ck.meta["preprocess"]).region == "brain" and masker is None:
+                raise ValueError("the checkpoint scores the brain but carries no brain-mask network")
         except (TypeError, ValueError, RuntimeError, KeyError) as exc:
             raise CheckpointError(f"checkpoint {Path(path).name} is incompatible with this code: {exc}") from None
+        if ck.meta["scoring"].get("threshold") is None:
+            log.warning("checkpoint %s is not calibrated; run 'pacs-node calibrate'", Path(path).name)
+        # device errors (CUDA unavailable: ValueError) stay what they are
+        return cls(model, ck.meta, ck.tensors, device=device, checksum=ck.sha256, batch_size=batch_size, amp=amp)
 
     @property
     def model_name(self) -> str:
@@ -273,7 +278,6 @@ class Predictor:
         keys = list(keys) if keys is not None else component_keys(self.scoring)
         t0 = time.perf_counter()
         pcfg, scfg = self.preprocess_cfg, self.scoring
-        source = volume
         orient = None
         if pcfg.reorient:
             volume, orient = to_axial(volume)
@@ -327,7 +331,6 @@ class Predictor:
             maps = {k: orient.back(v) for k, v in maps.items()}
             region_src = orient.back(region_src)
             pre = Preprocessed(image=pre.image, fg=pre.fg, fg_source=orient.back(pre.fg_source), grid=grid)
-        del source
         t3 = time.perf_counter()
         return Components(maps=maps, region=region_src, pre=pre,
                           seconds={"preprocess": t1 - t0, "inference": t2 - t1, "score": t3 - t2}, measures=measures)

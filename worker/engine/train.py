@@ -386,7 +386,9 @@ def train(
     start_epoch, stale, elapsed_before = 0, 0, 0.0
     if resume and state_path is not None and state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=True)
-        if json.loads(st["config"]) != {"unet": ucfg.to_dict(), "train": json.loads(json.dumps(cfg.to_dict()))}:
+        saved = json.loads(st["config"])
+        saved.get("train", {}).pop("max_minutes", None)  # states from before step-only budgets
+        if saved != {"unet": ucfg.to_dict(), "train": json.loads(json.dumps(cfg.to_dict()))}:
             raise ValueError("training state was written with a different configuration; refusing to resume")
         model.load_state_dict(st["model"])
         if cfg.ema > 0:
