@@ -234,37 +234,27 @@ def test_help_shows_every_default() -> None:
     assert "abnormal test studies of --anatomy / --synthetic (default: 30 / 24)" in ev and "(default: no plots)" in ev
 
 
-def test_cli_demo_defaults_are_the_demo_configuration() -> None:
-    from worker.cli import DEMO_DEFAULTS, DEMO_FAST_DEFAULTS
+def _flat_defaults(cfg: Any) -> dict[str, Any]:
+    """The training options' values in a demo configuration, keyed like the CLI's default tables."""
+    assert cfg.preprocess.size[0] == cfg.preprocess.size[1]
+    t, u, s = cfg.train, cfg.unet, cfg.scoring
+    return {"epochs": t.epochs, "steps_per_epoch": t.steps_per_epoch, "batch_size": t.batch_size, "lr": t.lr,
+            "objective": t.objective, "loss": t.loss, "local_prob": t.local_prob, "depth": u.depth,
+            "base": u.base, "norm": u.norm, "context": cfg.preprocess.context, "size": cfg.preprocess.size[0],
+            "combine_with": s.combine_with, "combine_weight": s.combine_weight}
+
+
+@pytest.mark.parametrize("source", ["synthetic", "anatomy"])
+def test_cli_defaults_are_the_demo_configurations(source: str) -> None:
+    from worker import cli
     from worker.engine.demo import demo_config
-
-    def flat(fast: bool) -> dict[str, Any]:
-        cfg = demo_config(fast)
-        assert cfg.preprocess.size[0] == cfg.preprocess.size[1]
-        t, u, s = cfg.train, cfg.unet, cfg.scoring
-        return {"epochs": t.epochs, "steps_per_epoch": t.steps_per_epoch, "batch_size": t.batch_size, "lr": t.lr,
-                "objective": t.objective, "loss": t.loss, "local_prob": t.local_prob, "depth": u.depth,
-                "base": u.base, "norm": u.norm, "context": cfg.preprocess.context, "size": cfg.preprocess.size[0],
-                "combine_with": s.combine_with, "combine_weight": s.combine_weight}
-
-    assert flat(False) == DEMO_DEFAULTS
-    assert {k: v for k, v in flat(True).items() if v != DEMO_DEFAULTS[k]} == DEMO_FAST_DEFAULTS
-
-
-def test_cli_anatomy_defaults_are_the_anatomy_configuration() -> None:
-    from worker.cli import ANATOMY_DEFAULTS, ANATOMY_FAST_DEFAULTS
     from worker.engine.headdemo import anatomy_config
 
-    def flat(fast: bool) -> dict[str, Any]:
-        cfg = anatomy_config(fast)
-        t, u, s = cfg.train, cfg.unet, cfg.scoring
-        return {"epochs": t.epochs, "steps_per_epoch": t.steps_per_epoch, "batch_size": t.batch_size, "lr": t.lr,
-                "objective": t.objective, "loss": t.loss, "local_prob": t.local_prob, "depth": u.depth,
-                "base": u.base, "norm": u.norm, "context": cfg.preprocess.context, "size": cfg.preprocess.size[0],
-                "combine_with": s.combine_with, "combine_weight": s.combine_weight}
-
-    assert flat(False) == ANATOMY_DEFAULTS
-    assert {k: v for k, v in flat(True).items() if v != ANATOMY_DEFAULTS[k]} == ANATOMY_FAST_DEFAULTS
+    make = demo_config if source == "synthetic" else anatomy_config
+    full, fast = ((cli.DEMO_DEFAULTS, cli.DEMO_FAST_DEFAULTS) if source == "synthetic"
+                  else (cli.ANATOMY_DEFAULTS, cli.ANATOMY_FAST_DEFAULTS))
+    assert _flat_defaults(make(False)) == full
+    assert {k: v for k, v in _flat_defaults(make(True)).items() if v != full[k]} == fast
 
 
 def test_building_the_parser_imports_neither_torch_nor_scipy() -> None:
