@@ -98,3 +98,27 @@ def test_lesion_is_found_in_generated_anatomy(demo) -> None:  # type: ignore[no-
                             contrast="flair", kinds={"tumour": 1.0}, n=(1, 1))
     pred = demo.predict(s.volume)
     assert binary_metrics(pred.mask, s.mask)["dice"] >= 0.5
+
+
+def test_sagittal_and_cropped_series_read_like_the_axial_one(demo) -> None:  # type: ignore[no-untyped-def]
+    """A 3D head stored as sagittal slices is read as the same axial head (exact reorientation), and a
+    rectangular field of view keeps the brain mask (padded, not stretched)."""
+    from worker.engine.anatomy import SubjectConfig
+    from worker.engine.brainmask import mask_dice
+    from worker.engine.headdemo import SEEDS
+    from worker.engine.lesions import make_lesion_subject
+
+    s = make_lesion_subject(SEEDS["test"] + 5, SubjectConfig(inplane_spacing=(1.6, 1.6), slice_thickness=(1.6, 1.6),
+                                                            partial_coverage=0.0),
+                            contrast="flair", kinds={"tumour": 1.0}, n=(1, 1))
+    v = s.volume
+    axial = demo.predict(v)
+    # index x -> patient posterior, y -> inferior, z -> left: a sagittal series of the same voxels
+    arr = np.ascontiguousarray(v.array.transpose(2, 0, 1)[:, ::-1, :])
+    direction = np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float)
+    origin = v.index_to_patient(np.array([v.shape[0] - 1, 0, 0], float))
+    sag = Volume(arr, (v.spacing[2], v.spacing[0], v.spacing[1]), tuple(origin), direction, "MR")
+    back = np.ascontiguousarray(demo.predict(sag).mask[:, ::-1, :].transpose(1, 2, 0))
+    assert mask_dice(back, axial.mask) >= 0.99
+    crop = Volume(v.array[:, 12:-12, :], v.spacing, tuple(v.index_to_patient(np.array([0, 12, 0], float))), np.eye(3), "MR")
+    assert mask_dice(demo.brain_mask(crop), s.brain[:, 12:-12, :]) >= 0.95
