@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from api.api_seed import FakeDispatcher
 from dicom_factory import make_study, to_bytes
 from pacs_node.api.app import create_app
 from pacs_node.assemble.scheduler import StudyAssembler
@@ -33,23 +34,11 @@ from worker.settings import WorkerSettings
 
 OUT_OF_DOMAIN: dict[str, Any] = {
     "in_domain": False,
-    "warnings": ["slice thickness 8.0 mm is outside the training range 1.0-6.0 mm",
+    "warnings": ["slice spacing 8 mm is outside the training range 1-6 mm",
                  "pixel spacing 0.2 mm is outside the training range 0.5-1.5 mm"],
-    "checks": {"slice_thickness_mm": {"value": np.float32(8.0), "range": [1.0, 6.0], "ok": np.bool_(False)},
+    "checks": {"slice_spacing_mm": {"value": np.float32(8.0), "range": [1.0, 6.0], "ok": np.bool_(False)},
                "pixel_spacing_mm": {"value": 0.2, "range": [0.5, 1.5], "ok": False}},
 }
-
-
-class FakeDispatcher:
-    def __init__(self) -> None:
-        self.process: list[int] = []
-        self.deliver: list[int] = []
-
-    def enqueue_process(self, job_id: int) -> None:
-        self.process.append(job_id)
-
-    def enqueue_delivery(self, job_id: int) -> None:
-        self.deliver.append(job_id)
 
 
 @dataclass
@@ -122,7 +111,7 @@ def test_out_of_domain_series_is_recorded(node: Node, settings: Settings, caplog
     # Stored as plain JSON (numpy scalars converted).
     assert domain == json.loads(json.dumps(domain))
     assert domain["in_domain"] is False and domain["warnings"] == OUT_OF_DOMAIN["warnings"]
-    assert domain["checks"]["slice_thickness_mm"] == {"value": 8.0, "range": [1.0, 6.0], "ok": False}
+    assert domain["checks"]["slice_spacing_mm"] == {"value": 8.0, "range": [1.0, 6.0], "ok": False}
     assert len(events) == 1 and events[0].startswith("0 finding(s), ")
     assert events[0].endswith(f" output(s) built, outside the training domain: {OUT_OF_DOMAIN['warnings'][0]}")
 
