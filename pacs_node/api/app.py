@@ -6,9 +6,13 @@ Routers (one per resource):
   WADO-RS (:mod:`pacs_node.api.wado`)
 * ``/api/v1/jobs`` -- :mod:`pacs_node.api.jobs`
 * ``/api/v1/studies`` -- :mod:`pacs_node.api.studies`
+* ``/api/v1/session`` (dashboard login) -- :mod:`pacs_node.api.session`
 * ``/healthz``, ``/livez`` -- :mod:`pacs_node.api.health`
 * ``/metrics`` -- :mod:`pacs_node.api.metrics`
-* ``/``, ``/jobs/{id}``, key images, ``/static`` -- :mod:`pacs_node.api.dashboard`
+* ``/``, ``/login``, ``/jobs/{id}``, key images, ``/static`` -- :mod:`pacs_node.api.dashboard`
+
+Every route that serves or accepts patient data requires a token with a scope
+(:mod:`pacs_node.api.auth`; the list per route is in docs/security.md).
 
 OpenAPI is published at ``/openapi.json`` with the interactive docs at ``/docs``.
 """
@@ -23,6 +27,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 import pacs_node
+from pacs_node.api.auth import AuthState
 from pacs_node.node import Node
 from pacs_node.queue import Dispatcher
 
@@ -64,15 +69,18 @@ def create_app(node: Node, *, dispatcher: Dispatcher | None = None) -> FastAPI:
         version=pacs_node.__version__,
         description=(
             "PACS-integrated anomaly detection node: DICOMweb ingest, job API, health, metrics and dashboard. "
-            "Mutating endpoints need `Authorization: Bearer <http.api_token>`."
+            "Patient-data endpoints need `Authorization: Bearer <token>` of a `[[http.tokens]]` entry "
+            "with the scope they name (read: WADO-RS and GET /api/v1; write: STOW-RS, retry, analyze; "
+            "admin implies both), or the dashboard's session cookie."
         ),
         lifespan=lifespan,
     )
     app.state.node = node
     app.state.dispatcher = dispatcher
     app.state.owns_dispatcher = False
+    app.state.auth = AuthState.from_settings(node.settings.http)
 
-    from pacs_node.api import dashboard, health, jobs, metrics, studies
+    from pacs_node.api import dashboard, health, jobs, metrics, session, studies
     from pacs_node.api.wado import router as wado_router
     from pacs_node.ingest.stow import router as stow_router
 
@@ -80,6 +88,7 @@ def create_app(node: Node, *, dispatcher: Dispatcher | None = None) -> FastAPI:
     app.include_router(wado_router)
     app.include_router(jobs.router)
     app.include_router(studies.router)
+    app.include_router(session.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)

@@ -2,11 +2,13 @@
 pages whose JavaScript polls the JSON API every 3 s, and the server-side key
 images of a job (``/jobs/{id}/keyimages`` and ``/jobs/{id}/keyimages/{n}.png``).
 
-The pages themselves hold no data and are served without a token; the data
-endpoints follow the API's read rules. When ``http.read_requires_token`` is
-set, open the dashboard as ``/?token=...``: the page keeps the token in the
-tab's session storage, removes it from the address bar and sends it as a
-bearer token. Nothing is loaded from outside the node.
+The pages themselves (``/``, ``/jobs/{id}``, ``/login``) hold no data and are
+served without a token; every data endpoint needs the ``read`` scope. A page
+whose data request answers 401 sends the browser to ``/login``, which
+exchanges a token for an HttpOnly session cookie (:mod:`pacs_node.api.session`):
+the pages' requests and the key images' ``<img>`` tags then carry the cookie,
+and the retry button sends the session's CSRF token. Nothing is loaded from
+outside the node.
 """
 
 from __future__ import annotations
@@ -84,6 +86,18 @@ def index_page() -> HTMLResponse:
     return _page("index.html")
 
 
+@router.get("/login", response_class=HTMLResponse, summary="Dashboard: log in with a token", include_in_schema=False)
+def login_page() -> HTMLResponse:
+    """The login form (a token is exchanged for a session cookie).
+
+    Returns
+    -------
+    HTMLResponse
+        ``static/login.html``.
+    """
+    return _page("login.html")
+
+
 @router.get("/jobs/{job_id}", response_class=HTMLResponse, summary="Dashboard: one job", include_in_schema=False)
 def job_page(job_id: int) -> HTMLResponse:
     """The page of one job (its data is fetched by the page's script).
@@ -122,7 +136,8 @@ def _plan_or_404(node: NodeDep, job_id: int) -> KeyImagePlan:
     "/jobs/{job_id}/keyimages",
     response_model=KeyImagesOut,
     dependencies=[ReadAuth],
-    responses={404: {"description": "no such job"}},
+    responses={401: {"description": "not logged in / no bearer token"}, 403: {"description": "no read scope"},
+               404: {"description": "no such job"}},
     summary="Key images of a job (slices with the largest anomaly area)",
 )
 def key_images(job_id: int, node: NodeDep, request: Request) -> KeyImagesOut:
@@ -170,7 +185,8 @@ def key_images(job_id: int, node: NodeDep, request: Request) -> KeyImagesOut:
     name="key_image_png",
     dependencies=[ReadAuth],
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}}, 404: {"description": "no such job or image"}},
+    responses={200: {"content": {"image/png": {}}}, 401: {"description": "not logged in / no bearer token"},
+               403: {"description": "no read scope"}, 404: {"description": "no such job or image"}},
     summary="Key image n of a job as PNG, anomaly outlined in red",
 )
 def key_image_png(
@@ -206,7 +222,8 @@ def key_image_png(
     png = render_key_image(plan, n)
     if png is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} has no key image {n}")
-    headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+    # Patient images: kept out of shared caches (private) and revalidated.
+    headers = {"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
     if download:
         headers["Content-Disposition"] = f'attachment; filename="job-{job_id}-key-{n}.png"'
     return Response(png, media_type="image/png", headers=headers)

@@ -7,9 +7,16 @@ lists every check::
                              "broker": {"ok": false, "error": "OperationalError"},
                              "storage": {...}, "model": {...}}}
 
+The ``reconcile`` check reports the start-up storage reconciliation and the
+number of interrupted studies (:mod:`pacs_node.ingest.reconcile`); it fails
+only when row-less files were too many to quarantine.
+
 The model check looks at the engine model file configured in ``[engine]
 model`` (exists, readable; size and a sha256 prefix). The node never imports
 the worker or torch; it only looks at the file.
+
+``/livez`` is always open; ``/healthz`` is open unless ``http.healthz_access``
+names a scope (its answer holds no patient data).
 """
 
 from __future__ import annotations
@@ -23,10 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from pacs_node.api.auth import Require
 from pacs_node.api.deps import get_dispatcher
+from pacs_node.ingest.reconcile import reconcile_check
 from pacs_node.node import Node
 
 __all__ = ["DEFAULT_MODEL", "check_broker", "check_database", "check_model", "check_storage", "router"]
@@ -179,6 +188,8 @@ def check_model(node: Node) -> Check:
 
 @router.get(
     "/healthz",
+    # http.healthz_access: "open" by default (probes; no patient data in the answer).
+    dependencies=[Depends(Require(setting="healthz_access"))],
     summary="Readiness: database, broker, storage and model checks",
     responses={503: {"description": "at least one check failed"}},
 )
@@ -201,6 +212,8 @@ def healthz(request: Request) -> JSONResponse:
         "broker": check_broker(get_dispatcher(request)),
         "storage": check_storage(node),
         "model": check_model(node),
+        # Last start-up storage reconciliation, interrupted studies.
+        "reconcile": reconcile_check(node),
     }
     ok = all(bool(c.get("ok")) for c in checks.values())
     if not ok:

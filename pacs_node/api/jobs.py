@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, Query, Request, status
 from pydantic import BaseModel
 
-from pacs_node.api.auth import ReadAuth, WriteAuth
+from pacs_node.api.auth import ReadAuth, WriteAuth, principal_name
 from pacs_node.api.deps import DbSession, DispatcherDep, NodeDep
 from pacs_node.jobs.actions import JobBusyError, JobNotFoundError, retry_job
 from pacs_node.jobs.queries import get_job, list_jobs
@@ -29,7 +29,14 @@ class JobAccepted(BaseModel):
     state: str
 
 
-@router.get("", response_model=list[JobSummary], dependencies=[ReadAuth], summary="List jobs, newest first")
+_READ_DOC: dict[int | str, dict[str, str]] = {
+    401: {"description": "missing or wrong bearer token"},
+    403: {"description": "the token lacks the read scope"},
+}
+
+
+@router.get("", response_model=list[JobSummary], dependencies=[ReadAuth], responses=_READ_DOC,
+            summary="List jobs, newest first")
 def jobs_list(
     db: DbSession,
     state: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
@@ -62,7 +69,7 @@ def jobs_list(
     "/{job_id}",
     response_model=JobDetail,
     dependencies=[ReadAuth],
-    responses={404: {"description": "no such job"}},
+    responses={**_READ_DOC, 404: {"description": "no such job"}},
     summary="One job with events, timings, findings, outputs and deliveries",
 )
 def jobs_show(job_id: int, db: DbSession) -> JobDetail:
@@ -98,19 +105,21 @@ def jobs_show(job_id: int, db: DbSession) -> JobDetail:
     dependencies=[WriteAuth],
     responses={
         401: {"description": "missing or wrong bearer token"},
-        403: {"description": "API token not configured"},
+        403: {"description": "the token lacks the write scope, or a session request lacks X-CSRF-Token"},
         404: {"description": "no such job"},
         409: {"description": "the job is queued, running or delivering"},
     },
     summary="Run a finished job again (re-deliver a delivery_failed job)",
 )
-def jobs_retry(job_id: int, node: NodeDep, dispatcher: DispatcherDep) -> JobAccepted:
+def jobs_retry(job_id: int, request: Request, node: NodeDep, dispatcher: DispatcherDep) -> JobAccepted:
     """Retry a finished job.
 
     Parameters
     ----------
     job_id:
         Job id.
+    request:
+        The request (the token's name is logged).
     node:
         The node.
     dispatcher:
@@ -134,5 +143,5 @@ def jobs_retry(job_id: int, node: NodeDep, dispatcher: DispatcherDep) -> JobAcce
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     with node.db.sessionmaker() as s:
         job = get_job(s, job_id)
-    logger.info("job %d: retry requested through the API", job_id)
+    logger.info("job %d: retry requested through the API by token %r", job_id, principal_name(request))
     return JobAccepted(job_id=job_id, state=job.state if job else "unknown")

@@ -11,6 +11,9 @@ same whichever node process is scraped and survive restarts:
 * ``pacs_node_queue_depth{queue}``: gauge, messages waiting in each broker
   queue; left out when the broker cannot be reached.
 * ``pacs_node_delivery_attempts_total{status}``: counter, delivery attempts per status.
+* ``pacs_node_storage_commitments{state}``: gauge, storage commitment requests
+  per state (``pending``, ``committed``, ``failed``, ``timeout``,
+  ``not_supported``, ``error``; every state, 0 included).
 * ``pacs_node_broker_up``: gauge, 1 when the broker answered the scrape.
 """
 
@@ -22,16 +25,16 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from pacs_node.api.auth import ReadAuth
+from pacs_node.api.auth import Require
 from pacs_node.api.deps import dispatcher_of
-from pacs_node.db.models import DeliveryAttempt, Instance, Job
+from pacs_node.db.models import DeliveryAttempt, Instance, Job, StorageCommitment
 from pacs_node.jobs.states import JobState
 from pacs_node.node import Node
 
@@ -44,6 +47,9 @@ router = APIRouter(tags=["metrics"])
 #: The classic text format that ``generate_latest`` writes (understood by
 #: every Prometheus version).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: States of a storage commitment request (``storage_commitments.state``).
+COMMITMENT_STATES: tuple[str, ...] = ("pending", "committed", "failed", "timeout", "not_supported", "error")
 
 #: Upper bounds (seconds) of the stage duration histogram buckets.
 BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
@@ -125,6 +131,12 @@ class NodeCollector(Collector):
                     select(DeliveryAttempt.status, func.count(DeliveryAttempt.id)).group_by(DeliveryAttempt.status)
                 ).all()
             }
+            commitments = {
+                str(state): int(n)
+                for state, n in s.execute(
+                    select(StorageCommitment.state, func.count(StorageCommitment.id)).group_by(StorageCommitment.state)
+                ).all()
+            }
 
         c = CounterMetricFamily(
             "pacs_node_instances_received", "DICOM instances received (including re-sends)"
@@ -154,6 +166,16 @@ class NodeCollector(Collector):
         for status, n in sorted(deliveries.items()):
             d.add_metric([status], float(n))
         yield d
+
+        sc = GaugeMetricFamily(
+            "pacs_node_storage_commitments", "Storage commitment requests after delivery, per state", labels=["state"]
+        )
+        for state in COMMITMENT_STATES:
+            sc.add_metric([state], float(commitments.get(state, 0)))
+        for state, n in sorted(commitments.items()):
+            if state not in COMMITMENT_STATES:
+                sc.add_metric([state], float(n))
+        yield sc
 
         yield from self._queue_metrics()
 
@@ -185,7 +207,8 @@ class NodeCollector(Collector):
 
 @router.get(
     "/metrics",
-    dependencies=[ReadAuth],
+    # A token with the scope of http.metrics_access ("read" by default), or none when "open".
+    dependencies=[Depends(Require(setting="metrics_access"))],
     summary="Prometheus metrics",
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format"}},

@@ -19,10 +19,11 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, status
 from pydantic import BaseModel, ConfigDict
 
-from pacs_node.api.auth import ReadAuth, WriteAuth
+from pacs_node.api.auth import ReadAuth, WriteAuth, principal_name
 from pacs_node.api.deps import DbSession, DispatcherDep, NodeDep, get_rules
 from pacs_node.api.jobs import JobAccepted
 from pacs_node.db.models import Job
+from pacs_node.ingest.uids import InvalidUIDError, check_uid
 from pacs_node.jobs.actions import StudyNotFoundError, analyze_study
 from pacs_node.jobs.routing import RoutingRule
 from pacs_node.jobs.queries import list_studies
@@ -78,7 +79,10 @@ def pull_service_of(state: Any) -> Any:
     return pulls
 
 
-@router.get("", response_model=list[StudySummary], dependencies=[ReadAuth], summary="List studies, newest first")
+@router.get("", response_model=list[StudySummary], dependencies=[ReadAuth],
+            responses={401: {"description": "missing or wrong bearer token"},
+                       403: {"description": "the token lacks the read scope"}},
+            summary="List studies, newest first")
 def studies_list(
     db: DbSession,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -113,7 +117,7 @@ def _source_names(node: NodeDep) -> set[str]:
     responses={
         400: {"description": "unknown source, malformed Study Instance UID"},
         401: {"description": "missing or wrong bearer token"},
-        403: {"description": "API token not configured"},
+        403: {"description": "the token lacks the write scope, or a session request lacks X-CSRF-Token"},
         404: {"description": "the study is not stored on this node / not found on the source"},
         409: {"description": "the study is being pulled already"},
         500: {"description": "invalid [[sources]] configuration"},
@@ -160,6 +164,11 @@ def studies_analyze(
         source), 409 (pull running), 500 (bad sources configuration), 502
         (source error), 503 (source unreachable).
     """
+    try:
+        # A malformed UID is never echoed (in the answer or the log lines below).
+        study_uid = check_uid(study_uid, "StudyInstanceUID")
+    except InvalidUIDError as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
     pulled: dict[str, Any] | None = None
     if body is not None and body.source is not None:
         if body.source not in _source_names(node):
@@ -182,6 +191,7 @@ def studies_analyze(
     with node.db.sessionmaker() as s:
         job = s.get(Job, job_id)
         state = job.state if job is not None else "unknown"
-    logger.info("job %d: analysis of study %s requested through the API%s", job_id, study_uid,
+    logger.info("job %d: analysis of study %s requested through the API by token %r%s", job_id, study_uid,
+                principal_name(request),
                 f" (pulled from {body.source})" if pulled is not None and body is not None else "")
     return AnalyzeAccepted(job_id=job_id, state=state, pulled=pulled)

@@ -6,6 +6,9 @@ other hosts (no shared disk) can fetch a job's series over HTTP.
 * ``GET /dicomweb/studies/{study}/series/{series}/metadata``: DICOM JSON
   (bulk data left out).
 * ``GET /dicomweb/studies/{study}/series/{series}/instances/{sop}``: one instance.
+
+Every route needs a token with the ``read`` scope (:mod:`pacs_node.api.auth`);
+a remote worker uses its own read-only token (``[worker] node_token``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydicom import dcmread
 from sqlalchemy import select
 
+from pacs_node.api.auth import ReadAuth
 from pacs_node.db.models import Instance, Series, Study
 from pacs_node.ingest.uids import InvalidUIDError, check_uid
 from pacs_node.node import Node
@@ -29,6 +33,12 @@ __all__ = ["router"]
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/dicomweb", tags=["dicomweb"])
+_AUTH_DOC: dict[int | str, dict[str, str]] = {
+    400: {"description": "malformed UID in the path"},
+    401: {"description": "missing or wrong bearer token"},
+    403: {"description": "the token lacks the read scope"},
+    404: {"description": "no such series or instance on this node"},
+}
 _CHUNK = 1 << 20
 
 
@@ -72,7 +82,8 @@ def _multipart(paths: list[Path], boundary: str) -> Iterator[bytes]:
     yield f"--{boundary}--\r\n".encode()
 
 
-@router.get("/studies/{study_uid}/series/{series_uid}")
+@router.get("/studies/{study_uid}/series/{series_uid}", dependencies=[ReadAuth], responses=_AUTH_DOC,
+            summary="Retrieve a series (WADO-RS)")
 def retrieve_series(study_uid: str, series_uid: str, request: Request) -> StreamingResponse:
     """All instances of a series as multipart/related application/dicom."""
     paths = _instances(_node(request), study_uid, series_uid)
@@ -84,8 +95,10 @@ def retrieve_series(study_uid: str, series_uid: str, request: Request) -> Stream
     )
 
 
-@router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}")
+@router.get("/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}", dependencies=[ReadAuth],
+            responses=_AUTH_DOC, summary="Retrieve an instance (WADO-RS)")
 def retrieve_instance(study_uid: str, series_uid: str, sop_uid: str, request: Request) -> StreamingResponse:
+    """One instance as multipart/related application/dicom."""
     paths = _instances(_node(request), study_uid, series_uid, sop_uid)
     boundary = uuid.uuid4().hex
     return StreamingResponse(
@@ -94,7 +107,8 @@ def retrieve_instance(study_uid: str, series_uid: str, sop_uid: str, request: Re
     )
 
 
-@router.get("/studies/{study_uid}/series/{series_uid}/metadata")
+@router.get("/studies/{study_uid}/series/{series_uid}/metadata", dependencies=[ReadAuth], responses=_AUTH_DOC,
+            summary="Metadata of a series (WADO-RS, DICOM JSON)")
 def series_metadata(study_uid: str, series_uid: str, request: Request) -> JSONResponse:
     """DICOM JSON of every instance (pixel data and other bulk data left out)."""
     paths = _instances(_node(request), study_uid, series_uid)

@@ -1,9 +1,11 @@
 """Engine and session factory, with the pragmas SQLite needs for a
-multi-threaded server (WAL, busy timeout, foreign keys)."""
+multi-threaded server (WAL, busy timeout, foreign keys). A SQLite database
+file (it holds patient names and IDs) is created readable by its owner only."""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,9 +16,49 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["Database", "GroupCommit"]
+__all__ = ["Database", "GroupCommit", "private_sqlite_file"]
 
 logger = logging.getLogger(__name__)
+
+
+def private_sqlite_file(path: Path) -> None:
+    """Make sure the SQLite database file is readable by its owner only (0600).
+
+    A new file is created empty with mode 0600 before SQLite opens it (an
+    empty file is a valid empty database); SQLite gives its ``-wal``, ``-shm``
+    and ``-journal`` files the mode of the database file. An existing file
+    (and its companions) with group or other permissions is tightened to 0600.
+
+    Parameters
+    ----------
+    path:
+        The database file.
+
+    Raises
+    ------
+    OSError
+        When the directory or the file cannot be created.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        os.close(fd)
+    for p in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))):
+        try:
+            mode = p.stat().st_mode
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            try:
+                p.chmod(0o600)
+            except OSError as exc:
+                logger.warning("database file %s is readable by others (mode %o) and cannot be made private: %s",
+                               p, mode & 0o777, exc.strerror)
+            else:
+                logger.warning("database file %s was readable by others (mode %o): now 0600", p, mode & 0o777)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -58,8 +100,8 @@ class Database:
         self.is_sqlite = u.get_backend_name() == "sqlite"
         kwargs: dict[str, Any] = {"echo": echo, "future": True}
         if self.is_sqlite:
-            if u.database and u.database != ":memory:":
-                Path(u.database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+            if u.database and u.database != ":memory:" and not u.database.startswith("file:"):
+                private_sqlite_file(Path(u.database).expanduser().resolve())
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
             kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)

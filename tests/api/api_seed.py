@@ -19,6 +19,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from dicom_factory import make_instance, to_bytes
+from nodetest import TEST_AUTH, TEST_TOKEN
 from pacs_node.assemble.scheduler import StudyAssembler
 from pacs_node.config import StudySettings
 from pacs_node.db.models import DeliveryAttempt, Job, Output, utcnow
@@ -27,8 +28,9 @@ from pacs_node.jobs.states import JobState, transition
 from pacs_node.node import Node
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-TOKEN = "s3cret-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+#: The token of nodetest.make_settings (scopes read and write).
+TOKEN = TEST_TOKEN
+AUTH = TEST_AUTH
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from api_seed import TOKEN, FakeDispatcher
+from api_seed import FakeDispatcher
 from nodetest import make_settings
 from pacs_node.api.app import create_app
 from pacs_node.node import Node
@@ -21,8 +21,8 @@ def dispatcher() -> FakeDispatcher:
 
 @pytest.fixture
 def api_node(tmp_path: Path, sqlite_url: str) -> Iterator[Node]:
-    """A node on SQLite with an API token configured."""
-    n = Node.from_settings(make_settings(tmp_path, sqlite_url, http__api_token=TOKEN), migrate=True)
+    """A node on SQLite with the test token (api_seed.TOKEN, read and write) configured."""
+    n = Node.from_settings(make_settings(tmp_path, sqlite_url), migrate=True)
     try:
         yield n
     finally:

@@ -1,12 +1,14 @@
-"""The dashboard in a real headless Chromium against a real uvicorn server:
-the jobs table and the job page are rendered by the pages' JavaScript from
-the JSON API (checked in the DOM Chromium dumps), and screenshots are taken."""
+"""The dashboard in a real headless Chromium against a real uvicorn server,
+driven over the DevTools protocol (:mod:`cdp`): the login form exchanges a
+token for the HttpOnly session cookie, the jobs table and the job page are
+rendered by the pages' JavaScript from the JSON API, the key images load as
+plain ``<img>`` tags with the cookie, the retry button posts with the CSRF
+token, logout ends the session; screenshots are taken."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,8 @@ import uvicorn
 from PIL import Image
 
 from api_seed import TOKEN, FakeDispatcher, advance, assemble, build_seg, gradient_series, ingest, save_seg_output, seed
-from nodetest import free_port, make_settings, require_tool
+from cdp import Browser
+from nodetest import free_port, make_settings, require_tool, tokens_env
 from pacs_node.api.app import create_app
 from pacs_node.jobs.states import JobState
 from pacs_node.node import Node
@@ -26,6 +29,7 @@ from pacs_node.node import Node
 DOMAIN = {"in_domain": False,
           "warnings": ["slice thickness 8.0 mm is outside the training range 1.0-6.0 mm", "<b>spacing</b> & more"],
           "checks": {"slice_thickness_mm": {"value": 8.0, "range": [1.0, 6.0], "ok": False}}}
+READER = "pn_dashboard-reader-" + "4" * 32
 
 #: Screenshots are kept here (``PACS_NODE_SCREENSHOT_DIR`` overrides) for a look.
 SHOT_DIR = Path(os.environ.get("PACS_NODE_SCREENSHOT_DIR", "/tmp/pacs-node-screenshots"))
@@ -34,10 +38,10 @@ SHOT_DIR = Path(os.environ.get("PACS_NODE_SCREENSHOT_DIR", "/tmp/pacs-node-scree
 class Server:
     """uvicorn serving an app on a free loopback port, in a thread."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, dispatcher: FakeDispatcher) -> None:
         self.port = free_port()
         config = uvicorn.Config(
-            create_app(node, dispatcher=FakeDispatcher()), host="127.0.0.1", port=self.port,
+            create_app(node, dispatcher=dispatcher), host="127.0.0.1", port=self.port,
             log_config=None, access_log=False,
         )
         self.server = uvicorn.Server(config)
@@ -58,29 +62,6 @@ class Server:
         return f"http://127.0.0.1:{self.port}{path}"
 
 
-def chromium(binary: str, tmp: Path, url: str, *, screenshot: Path | None = None) -> subprocess.Popen[str]:
-    """Start headless Chromium on ``url``: a screenshot, or the DOM on stdout."""
-    profile = tmp / f"profile-{free_port()}"
-    args = [
-        binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
-        "--window-size=1280,900", "--virtual-time-budget=5000",
-    ]
-    args += [f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]
-    return subprocess.Popen(args + [url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def run_all(procs: list[subprocess.Popen[str]]) -> list[str]:
-    """Wait for every Chromium process; their stdout."""
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=60)
-        assert p.returncode == 0, stderr[-2000:]
-        out.append(stdout)
-    return out
-
-
 def check_screenshot(path: Path) -> np.ndarray:
     assert path.is_file() and path.stat().st_size > 10_000, path
     img = np.asarray(Image.open(path).convert("RGB"))
@@ -89,12 +70,27 @@ def check_screenshot(path: Path) -> np.ndarray:
     return img
 
 
+def log_in(browser: Browser, token: str) -> None:
+    """Type ``token`` into the login form and submit it, as a user does."""
+    browser.wait_for("!!document.getElementById('login-form')")
+    browser.evaluate(f"""(() => {{
+        document.getElementById('token').value = {json.dumps(token)};
+        document.getElementById('login-form').requestSubmit();
+        return true;
+    }})()""")
+
+
+def session_cookies(browser: Browser) -> list[dict[str, object]]:
+    return [c for c in browser.cookies() if c["name"] == "pacs_node_session"]
+
+
 @pytest.fixture
 def seeded_node(tmp_path: Path, sqlite_url: str) -> Iterator[tuple[Node, int, int]]:
     """Three seeded jobs plus a done job with a SEG (two findings)."""
     model = tmp_path / "model.pt"
     model.write_bytes(b"checkpoint")
-    settings = make_settings(tmp_path, sqlite_url, http__api_token=TOKEN, engine=json.dumps({"model": str(model)}))
+    settings = make_settings(tmp_path, sqlite_url, engine=json.dumps({"model": str(model)}),
+                             http__tokens=tokens_env(("operator", TOKEN, ["read", "write"]), ("reader", READER, ["read"])))
     node = Node.from_settings(settings, migrate=True)
     try:
         seeded = seed(node)
@@ -118,59 +114,91 @@ def seeded_node(tmp_path: Path, sqlite_url: str) -> Iterator[tuple[Node, int, in
         node.close()
 
 
-def test_dashboard_in_headless_chromium(tmp_path: Path, seeded_node: tuple[Node, int, int]) -> None:
+def test_dashboard_login_pages_key_images_retry_and_logout(tmp_path: Path,
+                                                            seeded_node: tuple[Node, int, int]) -> None:
     binary = require_tool("chromium")
     node, seg_job, failed_job = seeded_node
     SHOT_DIR.mkdir(parents=True, exist_ok=True)
     index_png, job_png = SHOT_DIR / "dashboard-index.png", SHOT_DIR / "dashboard-job.png"
-    for p in (index_png, job_png):
+    login_png = SHOT_DIR / "dashboard-login.png"
+    for p in (index_png, job_png, login_png):
         p.unlink(missing_ok=True)
-    with Server(node) as srv:
-        index_dom, job_dom, _, _ = run_all([
-            chromium(binary, tmp_path, srv.url("/")),
-            chromium(binary, tmp_path, srv.url(f"/jobs/{seg_job}")),
-            chromium(binary, tmp_path, srv.url("/"), screenshot=index_png),
-            chromium(binary, tmp_path, srv.url(f"/jobs/{seg_job}"), screenshot=job_png),
-        ])
+    dispatcher = FakeDispatcher()
+    with Server(node, dispatcher) as srv, Browser(binary, tmp_path / "profile") as browser:
+        # Not logged in: the page's first API request answers 401, the browser lands on the login form.
+        browser.navigate(srv.url(f"/jobs/{seg_job}"))
+        browser.wait_for("location.pathname === '/login'")
+        assert browser.evaluate("location.search") == f"?next=%2Fjobs%2F{seg_job}"
+        assert "data-key-image" not in browser.html()
+        log_in(browser, "pn_not-a-token")
+        assert "not valid on this node" in browser.wait_for(
+            "!document.getElementById('notice').hidden && document.getElementById('notice').textContent")
+        assert session_cookies(browser) == []
+        browser.screenshot(login_png)
 
-    # The table rows were built by the page's script from /api/v1/jobs.
-    assert "loading…" not in index_dom
-    for job_id, state in ((seg_job, "done"), (failed_job, "failed")):
-        assert f'data-job-id="{job_id}"' in index_dom and f'data-state="{state}"' in index_dom
-        assert f'href="/jobs/{job_id}"' in index_dom
-    assert index_dom.count("<tr data-job-id=") == 4
-    assert 'class="badge badge-done" title="node health">healthy<' in index_dom  # /healthz answered 200
+        # The token opens a session: an HttpOnly, SameSite=Strict cookie scripts cannot read.
+        log_in(browser, TOKEN)
+        browser.wait_for(f"location.pathname === '/jobs/{seg_job}'")
+        (cookie,) = session_cookies(browser)
+        assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict" and cookie["path"] == "/"
+        assert cookie["secure"] is False  # plain http on loopback here; Secure over HTTPS
+        assert TOKEN not in json.dumps(browser.cookies())
+        assert browser.evaluate("document.cookie") == ""
+        assert browser.evaluate("JSON.stringify({...sessionStorage, ...localStorage})") == "{}"
 
-    # The job page: events, timings, findings and the key images (blob URLs).
-    assert f"Job #{seg_job}" in job_dom
-    assert "inference" in job_dom and "4.2 s" in job_dom and "1 finding(s)" in job_dom
-    assert job_dom.count('data-key-image="') == 2 and 'src="blob:' in job_dom
-    assert "anomaly area" in job_dom and "largest anomaly area first" in job_dom
-    # The failed training-domain check: a visible warning listing the warnings, escaped.
-    box = job_dom.split('id="domain-warning"', 1)[1].split("</div>", 1)[0]
-    assert "hidden" not in box.split(">", 1)[0]
-    assert "outside the model's training domain" in box
-    assert "<li>slice thickness 8.0 mm is outside the training range 1.0-6.0 mm</li>" in box
-    assert "<li>&lt;b&gt;spacing&lt;/b&gt; &amp; more</li>" in box and "<b>" not in box
+        # The job page: events, timings, findings and the key images, loaded by <img> tags with the cookie.
+        browser.wait_for("document.querySelectorAll('img.keyimage').length === 2 && "
+                         "[...document.querySelectorAll('img.keyimage')].every(i => i.complete && i.naturalWidth > 0)")
+        browser.wait_for("document.getElementById('user').textContent.startsWith('operator (read, write)')")
+        job_dom = browser.html()
+        assert f"Job #{seg_job}" in job_dom
+        assert "inference" in job_dom and "4.2 s" in job_dom and "1 finding(s)" in job_dom
+        assert job_dom.count('data-key-image="') == 2 and f'src="/jobs/{seg_job}/keyimages/0.png?v=' in job_dom
+        assert "anomaly area" in job_dom and "largest anomaly area first" in job_dom
+        # The failed training-domain check: a visible warning listing the warnings, escaped.
+        box = job_dom.split('id="domain-warning"', 1)[1].split("</div>", 1)[0]
+        assert "hidden" not in box.split(">", 1)[0]
+        assert "outside the model's training domain" in box
+        assert "<li>slice thickness 8.0 mm is outside the training range 1.0-6.0 mm</li>" in box
+        assert "<li>&lt;b&gt;spacing&lt;/b&gt; &amp; more</li>" in box and "<b>" not in box
+        browser.screenshot(job_png)
 
+        # The jobs table, built by the page's script from /api/v1/jobs; /healthz answered 200.
+        browser.navigate(srv.url("/"))
+        browser.wait_for("document.querySelectorAll('tr[data-job-id]').length === 4 && "
+                         "document.getElementById('health').textContent === 'healthy'")
+        index_dom = browser.html()
+        assert "loading…" not in index_dom
+        for job_id, state in ((seg_job, "done"), (failed_job, "failed")):
+            assert f'data-job-id="{job_id}"' in index_dom and f'data-state="{state}"' in index_dom
+            assert f'href="/jobs/{job_id}"' in index_dom
+        browser.screenshot(index_png)
+
+        # Retry from the failed job's page: a POST with the cookie and the session's CSRF token.
+        browser.navigate(srv.url(f"/jobs/{failed_job}"))
+        browser.wait_for("!document.getElementById('retry').hidden")
+        browser.evaluate("document.getElementById('retry').click(), true")
+        browser.wait_for("document.getElementById('retry-msg').textContent === 'retry accepted: queued'")
+        assert dispatcher.process == [failed_job]
+
+        # Logout ends the session; the pages send the browser to the login form again.
+        browser.evaluate("document.getElementById('logout').click(), true")
+        browser.wait_for("location.pathname === '/login'")
+        assert session_cookies(browser) == []
+        browser.navigate(srv.url("/"))
+        browser.wait_for("location.pathname === '/login'")
+
+        # A read-only token sees the jobs but gets no retry button.
+        log_in(browser, READER)
+        browser.wait_for("location.pathname === '/' && document.querySelectorAll('tr[data-job-id]').length === 4")
+        browser.navigate(srv.url(f"/jobs/{failed_job}"))
+        browser.wait_for(f"document.getElementById('title').textContent === 'Job #{failed_job}' && "
+                         "document.getElementById('user').textContent.startsWith('reader (read)')")
+        assert browser.evaluate("document.getElementById('retry').hidden") is True
+    assert dispatcher.process == [failed_job]
+
+    assert login_png.stat().st_size > 5_000
     check_screenshot(index_png)
     shot = check_screenshot(job_png)
     red = (shot[..., 0] > 200) & (shot[..., 1] < 40) & (shot[..., 2] < 40)
     assert red.sum() > 50  # the outlines are visible on the page
-
-
-def test_dashboard_with_read_token(tmp_path: Path, sqlite_url: str) -> None:
-    binary = require_tool("chromium")
-    settings = make_settings(tmp_path, sqlite_url, http__api_token=TOKEN, http__read_requires_token="true")
-    node = Node.from_settings(settings, migrate=True)
-    try:
-        seeded = seed(node)
-        with Server(node) as srv:
-            without, with_token = run_all([
-                chromium(binary, tmp_path, srv.url("/")),
-                chromium(binary, tmp_path, srv.url(f"/?token={TOKEN}")),
-            ])
-        assert "requires an API token" in without and "<tr data-job-id=" not in without
-        assert f'data-job-id="{seeded.done}"' in with_token and "requires an API token" not in with_token
-    finally:
-        node.close()

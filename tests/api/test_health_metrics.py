@@ -17,7 +17,7 @@ import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from api_seed import FakeDispatcher, gradient_series, ingest, seed
+from api_seed import AUTH, FakeDispatcher, gradient_series, ingest, seed
 from nodetest import REDIS_URL, make_settings, require, tcp_open
 from pacs_node.api.app import create_app
 from pacs_node.node import Node
@@ -54,7 +54,7 @@ def test_healthz_reports_stopped_broker(tmp_path: Path, sqlite_url: str) -> None
     model, _ = _model(tmp_path)
     node = _node(tmp_path, sqlite_url, queue__broker_url="redis://127.0.0.1:1/0", engine=json.dumps({"model": str(model)}))
     try:
-        with TestClient(create_app(node)) as c:  # the dispatcher is built lazily
+        with TestClient(create_app(node), headers=AUTH) as c:  # the dispatcher is built lazily
             start = time.monotonic()
             r = c.get("/healthz")
             elapsed = time.monotonic() - start
@@ -74,7 +74,7 @@ def test_healthz_ok_with_running_redis(tmp_path: Path, sqlite_url: str, redis_qu
     node = _node(tmp_path, sqlite_url, engine=json.dumps({"model": str(model)}), **redis_queues)
     dispatcher = CeleryDispatcher(node.settings)
     try:
-        with TestClient(create_app(node, dispatcher=dispatcher)) as c:
+        with TestClient(create_app(node, dispatcher=dispatcher), headers=AUTH) as c:
             r = c.get("/healthz")
             assert c.get("/livez").json() == {"ok": True}
         body = r.json()
@@ -97,7 +97,7 @@ def test_healthz_reports_missing_model(tmp_path: Path, sqlite_url: str) -> None:
     missing = tmp_path / "nowhere" / "model.pt"
     node = _node(tmp_path, sqlite_url, engine=json.dumps({"model": str(missing)}))
     try:
-        with TestClient(create_app(node, dispatcher=FakeDispatcher())) as c:
+        with TestClient(create_app(node, dispatcher=FakeDispatcher()), headers=AUTH) as c:
             r = c.get("/healthz")
         assert r.status_code == 503
         checks = r.json()["checks"]
@@ -121,7 +121,7 @@ def test_metrics_from_seeded_database(node: Node) -> None:
     extra = gradient_series(2, 8, 8)
     ingest(node, extra)
     ingest(node, extra[:1])  # a re-send: receive_count 2
-    with TestClient(create_app(node, dispatcher=FakeDispatcher())) as c:
+    with TestClient(create_app(node, dispatcher=FakeDispatcher()), headers=AUTH) as c:
         r = c.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
     fams = _families(r.text)
@@ -166,7 +166,7 @@ def test_metrics_queue_depth_from_redis(tmp_path: Path, sqlite_url: str, redis_q
         dispatcher.enqueue_process(101)
         dispatcher.enqueue_process(102)
         dispatcher.enqueue_delivery(103)
-        with TestClient(create_app(node, dispatcher=dispatcher)) as c:
+        with TestClient(create_app(node, dispatcher=dispatcher), headers=AUTH) as c:
             fams = _families(c.get("/metrics").text)
         depth = {dict(k)["queue"]: v for k, v in _samples(fams["pacs_node_queue_depth"], "pacs_node_queue_depth").items()}
         assert depth == {redis_queues["queue__gpu_queue"]: 2, redis_queues["queue__io_queue"]: 1}
@@ -180,7 +180,7 @@ def test_metrics_queue_depth_from_redis(tmp_path: Path, sqlite_url: str, redis_q
 def test_metrics_omit_queue_depth_when_broker_down(tmp_path: Path, sqlite_url: str) -> None:
     node = _node(tmp_path, sqlite_url, queue__broker_url="redis://127.0.0.1:1/0")
     try:
-        with TestClient(create_app(node)) as c:
+        with TestClient(create_app(node), headers=AUTH) as c:
             r = c.get("/metrics")
         assert r.status_code == 200
         fams = _families(r.text)

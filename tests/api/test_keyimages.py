@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from api_seed import FakeDispatcher, advance, assemble, build_seg, gradient_series, ingest, save_seg_output
+from api_seed import AUTH, FakeDispatcher, advance, assemble, build_seg, gradient_series, ingest, save_seg_output
 from pacs_node.api.app import create_app
 from pacs_node.api.render import outline
 from pacs_node.jobs.states import JobState
@@ -58,7 +58,7 @@ def test_key_images_outline_the_seg_mask(api_node: Node, omit_empty_frames: bool
     seg = build_seg(ordered, mask, omit_empty_frames=omit_empty_frames)
     save_seg_output(api_node, job_id, seg)
 
-    with TestClient(create_app(api_node, dispatcher=FakeDispatcher())) as c:
+    with TestClient(create_app(api_node, dispatcher=FakeDispatcher()), headers=AUTH) as c:
         info = c.get(f"/jobs/{job_id}/keyimages").json()
         assert info["has_seg"] is True and info["has_findings"] is True and info["slices"] == SLICES
         assert [(k["n"], k["slice_index"], k["area_px"]) for k in info["images"]] == [
@@ -91,7 +91,7 @@ def test_key_image_without_seg_is_the_middle_slice(api_node: Node) -> None:
     ingest(api_node, series)
     (job_id,) = assemble(api_node)
     middle = sorted(series, key=lambda ds: float(ds.ImagePositionPatient[2]))[SLICES // 2]
-    with TestClient(create_app(api_node, dispatcher=FakeDispatcher())) as c:
+    with TestClient(create_app(api_node, dispatcher=FakeDispatcher()), headers=AUTH) as c:
         info = c.get(f"/jobs/{job_id}/keyimages").json()
         assert info["has_seg"] is False and info["has_findings"] is False
         assert "no findings" in info["message"] and "queued" in info["message"]

@@ -2,24 +2,11 @@
 "use strict";
 
 const PacsNode = (() => {
-  const TOKEN_KEY = "pacsNodeToken";
   const REFRESH_MS = 3000;
-
-  /* A token given as ?token=... is kept in this tab's session storage and
-     removed from the address bar (so it does not stay in history). */
-  function initToken() {
-    const params = new URLSearchParams(window.location.search);
-    const given = params.get("token");
-    if (given) {
-      try { sessionStorage.setItem(TOKEN_KEY, given); } catch (e) { /* storage disabled */ }
-      params.delete("token");
-      const query = params.toString();
-      window.history.replaceState(null, "", window.location.pathname + (query ? "?" + query : ""));
-      return given;
-    }
-    try { return sessionStorage.getItem(TOKEN_KEY); } catch (e) { return null; }
-  }
-  const token = initToken();
+  const SAFE = ["GET", "HEAD", "OPTIONS"];
+  /* The logged-in session ({name, scopes, via, csrf_token}); the session
+     cookie itself is HttpOnly and never visible to this script. */
+  let session = null;
 
   class HttpError extends Error {
     constructor(status, detail) {
@@ -29,15 +16,20 @@ const PacsNode = (() => {
     }
   }
 
-  function headers() {
-    return token ? { Authorization: "Bearer " + token } : {};
+  function toLogin() {
+    const here = window.location.pathname + window.location.search;
+    window.location.replace("/login?next=" + encodeURIComponent(here));
   }
 
   async function request(url, options = {}) {
-    const resp = await fetch(url, { ...options, headers: { ...headers(), ...(options.headers || {}) }, cache: "no-store" });
+    const method = (options.method || "GET").toUpperCase();
+    const headers = { ...(options.headers || {}) };
+    if (!SAFE.includes(method) && session && session.csrf_token) headers["X-CSRF-Token"] = session.csrf_token;
+    const resp = await fetch(url, { ...options, headers, credentials: "same-origin", cache: "no-store" });
     if (!resp.ok) {
       let detail = resp.statusText;
       try { const body = await resp.json(); detail = body.detail || detail; } catch (e) { /* not JSON */ }
+      if (resp.status === 401) toLogin();
       throw new HttpError(resp.status, detail);
     }
     return resp;
@@ -47,6 +39,39 @@ const PacsNode = (() => {
     return (await request(url)).json();
   }
 
+  /* True when the session has the scope (admin has every scope). */
+  function can(scope) {
+    return !!session && (session.scopes.includes(scope) || session.scopes.includes("admin"));
+  }
+
+  function showUser() {
+    const box = document.getElementById("user");
+    if (!box || !session) return;
+    const logout = document.createElement("a");
+    logout.href = "/login";
+    logout.id = "logout";
+    logout.textContent = "log out";
+    logout.addEventListener("click", async (event) => {
+      event.preventDefault();
+      try { await fetch("/api/v1/session", { method: "DELETE", credentials: "same-origin" }); } finally {
+        window.location.replace("/login");
+      }
+    });
+    box.replaceChildren(document.createTextNode(`${session.name} (${session.scopes.join(", ")}) · `), logout);
+    if (session.via !== "session") logout.hidden = true;
+  }
+
+  /* Resolves with the session once known; sends the browser to /login when
+     nobody is logged in. Pages start polling after it. */
+  const ready = (async () => {
+    const resp = await fetch("/api/v1/session", { credentials: "same-origin", cache: "no-store" });
+    if (resp.status === 401) { toLogin(); return null; }
+    if (!resp.ok) throw new HttpError(resp.status, resp.statusText);
+    session = await resp.json();
+    showUser();
+    return session;
+  })();
+
   function notice(message) {
     const box = document.getElementById("notice");
     if (!box) return;
@@ -55,11 +80,8 @@ const PacsNode = (() => {
   }
 
   function explain(err) {
-    if (err instanceof HttpError && (err.status === 401 || err.status === 403)) {
-      return token
-        ? "The API refused the token (" + err.detail + "). Open this page as /?token=YOUR_API_TOKEN."
-        : "This node requires an API token to read data: open this page as /?token=YOUR_API_TOKEN.";
-    }
+    if (err instanceof HttpError && err.status === 401) return "Not logged in: opening the login page…";
+    if (err instanceof HttpError && err.status === 403) return "This token may not do that (" + err.detail + ").";
     return "Cannot reach the node API: " + err.message;
   }
 
@@ -124,7 +146,7 @@ const PacsNode = (() => {
     const badge = document.getElementById("health");
     if (!badge) return;
     try {
-      const resp = await fetch("/healthz", { cache: "no-store" });
+      const resp = await fetch("/healthz", { credentials: "same-origin", cache: "no-store" });
       const body = await resp.json();
       const failed = Object.entries(body.checks || {}).filter(([, c]) => !c.ok).map(([k]) => k);
       badge.className = "badge " + (body.ok ? "badge-done" : "badge-failed");
@@ -135,5 +157,5 @@ const PacsNode = (() => {
     }
   }
 
-  return { token, request, getJson, notice, explain, el, shortUid, fmtTime, fmtSeconds, fmtBytes, stateBadge, poll, updateHealth, HttpError };
+  return { ready, can, request, getJson, notice, explain, el, shortUid, fmtTime, fmtSeconds, fmtBytes, stateBadge, poll, updateHealth, HttpError };
 })();

@@ -2,7 +2,7 @@
 "use strict";
 
 (() => {
-  const { el, getJson, notice, explain, shortUid, fmtTime, fmtSeconds, stateBadge, poll, updateHealth } = PacsNode;
+  const { ready, el, getJson, notice, explain, shortUid, fmtTime, fmtSeconds, stateBadge, poll, updateHealth } = PacsNode;
   const STAGES = ["queue_wait", "load", "inference", "postprocess", "build", "delivery"];
   const filter = document.getElementById("state-filter");
   const body = document.getElementById("jobs-body");
@@ -51,7 +51,10 @@
     }
   }
 
-  filter.addEventListener("change", refresh);
-  poll(refresh);
-  poll(updateHealth);
+  ready.then((session) => {
+    if (!session) return;
+    filter.addEventListener("change", refresh);
+    poll(refresh);
+    poll(updateHealth);
+  }, (err) => notice(explain(err)));
 })();

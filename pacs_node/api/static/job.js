@@ -2,12 +2,11 @@
 "use strict";
 
 (() => {
-  const { el, getJson, request, token, notice, explain, shortUid, fmtTime, fmtSeconds, fmtBytes, stateBadge, poll } = PacsNode;
+  const { ready, can, el, getJson, request, notice, explain, shortUid, fmtTime, fmtSeconds, fmtBytes, stateBadge, poll } = PacsNode;
   const match = window.location.pathname.match(/\/jobs\/(\d+)/);
   const jobId = match ? Number(match[1]) : NaN;
   const TERMINAL = ["done", "failed", "delivery_failed", "skipped", "cancelled"];
   let keyImagesVersion = null;
-  const objectUrls = [];
 
   function fill(tableId, rows) {
     const tbody = document.querySelector("#" + tableId + " tbody");
@@ -108,24 +107,21 @@
       el("td", { class: "error" }, d.error || ""))));
   }
 
+  /* The PNGs are loaded by <img> tags: the session cookie authenticates them. */
   async function keyImages(job) {
     const version = `${job.state}/${(job.outputs || []).map((o) => o.sha256).join(",")}`;
     if (version === keyImagesVersion) return;
     const info = await getJson(`/jobs/${jobId}/keyimages`);
     const box = document.getElementById("keyimages");
-    const figures = [];
-    for (const img of info.images) {
-      const blob = await (await request(img.url)).blob();
-      const url = URL.createObjectURL(blob);
-      objectUrls.push(url);
+    const figures = info.images.map((img) => {
       const caption = img.outlined
         ? `slice ${img.slice_index + 1}/${info.slices} · anomaly area ${img.area_px} px`
         : `slice ${img.slice_index + 1}/${info.slices} (middle) · no findings`;
-      figures.push(el("figure", { "data-key-image": img.n },
-        el("img", { src: url, alt: caption, class: "keyimage" }),
-        el("figcaption", {}, caption)));
-    }
-    while (objectUrls.length > figures.length) URL.revokeObjectURL(objectUrls.shift());
+      return el("figure", { "data-key-image": img.n },
+        // ?v= : a new image URL when the job's outputs change (the browser's image cache).
+        el("img", { src: `${img.url}?v=${encodeURIComponent(version)}`, alt: caption, class: "keyimage" }),
+        el("figcaption", {}, caption));
+    });
     box.replaceChildren(...figures);
     document.getElementById("keyimages-msg").textContent = info.message;
     keyImagesVersion = version;
@@ -151,7 +147,7 @@
       document.title = `pacs-node · job ${job.id} (${job.state})`;
       document.getElementById("title").textContent = `Job #${job.id}`;
       document.getElementById("state").replaceWith(Object.assign(stateBadge(job.state), { id: "state" }));
-      retryButton.hidden = !(token && TERMINAL.includes(job.state));
+      retryButton.hidden = !(can("write") && TERMINAL.includes(job.state));
       summary(job); timings(job); domain(job); findings(job); events(job); outputs(job); deliveries(job);
       await keyImages(job);
     } catch (err) {
@@ -160,5 +156,5 @@
     }
   }
 
-  poll(refresh);
+  ready.then((session) => { if (session) poll(refresh); }, (err) => notice(explain(err)));
 })();
