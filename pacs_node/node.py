@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pacs_node.config import Settings
 from pacs_node.db.migrate import current_revision, head_revision, upgrade
 from pacs_node.db.session import Database
+from pacs_node.ingest.reconcile import ReconcileReport
 from pacs_node.ingest.recorder import Ingestor
 from pacs_node.ingest.storage import InstanceStore
 
@@ -26,6 +27,8 @@ class Node:
     db: Database
     store: InstanceStore
     ingestor: Ingestor
+    #: The last storage reconciliation (start-up, :mod:`pacs_node.ingest.reconcile`).
+    reconcile: ReconcileReport | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, migrate: bool | None = None) -> "Node":
@@ -59,7 +62,7 @@ class Node:
         store = InstanceStore(
             settings.storage.root, fsync=settings.storage.fsync, min_free_bytes=settings.storage.min_free_bytes
         )
-        return cls(settings=settings, db=db, store=store, ingestor=Ingestor(db, store))
+        return cls(settings=settings, db=db, store=store, ingestor=Ingestor(db, store, settings.ingest))
 
     def close(self) -> None:
         self.db.dispose()

@@ -380,7 +380,9 @@ def make_job_with_outputs(tmp_path: Path, *, state: str = "running", overlay: bo
         s.add(job)
         s.flush()
         job_id = job.id
-    settings = OutputSettings(overlay=overlay)
+    # The delivery tests count two SEG instances (the binary SEG and the map as
+    # a FRACTIONAL SEG), so the map is pinned; the default is a Parametric Map.
+    settings = OutputSettings(overlay=overlay, anomaly_map="fractional")
     outputs_dir = tmp_path / "outputs"
     built = build_outputs(job_id=job_id, source=source, prediction=pred, algorithm=ALGORITHM, settings=settings)
     written = write_outputs(built, outputs_dir / str(job_id), settings=settings)

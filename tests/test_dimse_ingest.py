@@ -401,15 +401,19 @@ def test_probe_connections_do_not_hold_association_slots(tmp_path: Path, sqlite_
             time.sleep(0.1)
         assert res.returncode == 0, res.stdout + res.stderr
         assert wait_idle(5) == []
-        # A probe still open holds its slot while it is open (it may yet ask).
+        # A probe still open holds no association slot (it counts against the
+        # per-address connection limit until the pre-association timeout).
         held = socket.create_connection(("127.0.0.1", server.port), timeout=5)
         deadline = time.monotonic() + 5
-        while not server.ae.active_associations and time.monotonic() < deadline:
+        while not server.guard.connections("127.0.0.1") and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.3)
-        assert len(server.ae.active_associations) == 1
+        assert server.guard.connections("127.0.0.1") == 1
+        assert server.ae.active_associations == []
         held.close()
-        assert wait_idle(5) == []
+        deadline = time.monotonic() + 5
+        while server.guard.connections("127.0.0.1") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.guard.connections("127.0.0.1") == 0
         res = subprocess.run(echo, capture_output=True, text=True, env=NODELAY_ENV, timeout=30)
         assert res.returncode == 0, res.stdout + res.stderr
         study = make_study(n_series=1, per_series=2)

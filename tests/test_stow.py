@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from nodetest import free_port, make_settings
+from nodetest import TEST_AUTH, free_port, make_settings
 from dicom_factory import make_instance, make_study, to_bytes
 from pacs_node.api.app import create_app
 from pacs_node.db.models import Instance
@@ -115,7 +115,7 @@ def dicom_json(r: httpx.Response) -> dict[str, Any]:
 
 @pytest.fixture
 def client(node: Node) -> Iterator[TestClient]:
-    with TestClient(create_app(node)) as c:
+    with TestClient(create_app(node), headers=TEST_AUTH) as c:
         yield c
 
 
@@ -397,7 +397,7 @@ def test_request_too_large(tmp_path: Path, sqlite_url: str) -> None:
         study = make_study(n_series=1, per_series=4)
         content = body_of(dicom_parts(study))
         assert len(content) > 4000 > 2 * (len(to_bytes(study[0])) + 100)
-        with TestClient(create_app(node)) as client:
+        with TestClient(create_app(node), headers=TEST_AUTH) as client:
             r = post(client, content)
             assert r.status_code == 413
             assert "exceeds http.max_request_bytes" in r.json()["detail"]
@@ -412,7 +412,7 @@ def test_request_too_large(tmp_path: Path, sqlite_url: str) -> None:
 
         async def send() -> httpx.Response:
             transport = httpx.ASGITransport(app=create_app(node))
-            async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            async with httpx.AsyncClient(transport=transport, base_url="http://testserver", headers=TEST_AUTH) as http:
                 return await http.post("/dicomweb/studies", content=chunks(), headers={"Content-Type": CT})
 
         r = asyncio.run(send())
@@ -442,7 +442,7 @@ def test_streaming_over_a_real_socket(node: Node) -> None:
                 yield content[i : i + 777]
 
         base = f"http://127.0.0.1:{port}/dicomweb"
-        with httpx.Client(timeout=30) as http:
+        with httpx.Client(timeout=30, headers=TEST_AUTH) as http:
             r = http.post(f"{base}/studies/{study[0].StudyInstanceUID}", content=chunks(), headers={"Content-Type": CT})
             assert r.status_code == 200, r.text
             assert r.request.headers.get("transfer-encoding") == "chunked"

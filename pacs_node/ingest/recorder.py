@@ -8,25 +8,22 @@ them as FailureReason (PS3.18 §10.5.3).
 
 from __future__ import annotations
 
-import enum
 import logging
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Any, cast
 
-from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
 from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
+from pacs_node.config import IngestSettings
 from pacs_node.db.models import Instance, Output, Series, Study, utcnow
 from pacs_node.db.session import Database, GroupCommit
-from pacs_node.ingest.part10 import PREAMBLE, file_meta_bytes
+from pacs_node.ingest.arrivals import ArrivalTracker
+from pacs_node.ingest.header import IngestError, InstanceMeta, Status, encode_part10, parse_meta
 from pacs_node.ingest.storage import InstanceStore, StorageFullError
-from pacs_node.ingest.uids import InvalidUIDError, check_uid
+from pacs_node.ingest.uids import InvalidUIDError
 
 __all__ = [
     "IngestError",
@@ -41,68 +38,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class Status(enum.IntEnum):
-    """C-STORE statuses the node answers with."""
-
-    SUCCESS = 0x0000
-    OUT_OF_RESOURCES = 0xA700  # disk full, storage or database failure
-    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-    CANNOT_UNDERSTAND = 0xC210  # cannot decode the data set
-    INVALID_UID = 0xC211  # missing or malformed Study/Series/SOP Instance UID
-    UID_MISMATCH = 0xC212  # data set SOP Instance UID differs from the request
-    UID_CONFLICT = 0xC213  # SOP Instance already stored under another study/series
-    PROCESSING_FAILURE = 0x0110  # unexpected error (logged with traceback)
-
-
-_HEADER_TAGS = [
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "PatientID",
-    "PatientName",
-    "AccessionNumber",
-    "StudyDate",
-    "StudyDescription",
-    "Modality",
-    "SeriesNumber",
-    "SeriesDescription",
-    "BodyPartExamined",
-    "InstanceNumber",
-    "SpecificCharacterSet",
-]
-
-
-@dataclass(frozen=True)
-class InstanceMeta:
-    """The header attributes the node indexes."""
-
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    sop_class_uid: str
-    transfer_syntax_uid: str
-    patient_id: str | None = None
-    patient_name: str | None = None
-    accession_number: str | None = None
-    study_date: str | None = None
-    study_description: str | None = None
-    modality: str | None = None
-    series_number: int | None = None
-    series_description: str | None = None
-    body_part_examined: str | None = None
-    instance_number: int | None = None
-
-
-class IngestError(Exception):
-    """An instance was refused; ``status`` says why (and ``comment`` in words)."""
-
-    def __init__(self, status: Status, comment: str) -> None:
-        super().__init__(comment)
-        self.status = status
-        self.comment = comment
-
-
 @dataclass(frozen=True)
 class IngestOutcome:
     status: Status
@@ -111,118 +46,6 @@ class IngestOutcome:
     study_uid: str
     duplicate: bool
     relpath: str
-
-
-def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    return str(value)[:limit]
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    try:
-        value = ds.get(keyword)
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
-def parse_meta(data: bytes, *, transfer_syntax_uid: str | None = None) -> InstanceMeta:
-    """Read the indexed attributes from an encoded instance.
-
-    Parameters
-    ----------
-    data:
-        A DICOM file (preamble + file meta) or, with ``transfer_syntax_uid``,
-        a bare data set as received over DIMSE.
-    transfer_syntax_uid:
-        Transfer syntax of a bare data set.
-
-    Raises
-    ------
-    IngestError
-        ``CANNOT_UNDERSTAND`` when the bytes do not decode,
-        ``INVALID_UID`` when a required UID is missing or malformed.
-    """
-    try:
-        if transfer_syntax_uid is None:
-            ds: Dataset = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-            ts = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
-            if not ds.file_meta or not ts:
-                raise IngestError(Status.CANNOT_UNDERSTAND, "not a DICOM file: no File Meta Information")
-        else:
-            ts = transfer_syntax_uid
-            ds = _read_bare(data, ts)
-        if not any(k in ds for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")):
-            # pydicom reads garbage leniently; a data set with none of the
-            # identifying attributes did not decode as DICOM at all.
-            raise IngestError(Status.CANNOT_UNDERSTAND, "cannot decode the data set: no identifying attributes")
-        sop_class = ds.get("SOPClassUID") or (ds.file_meta.get("MediaStorageSOPClassUID") if ds.file_meta else None)
-        meta = InstanceMeta(
-            study_uid=check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
-            series_uid=check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
-            sop_uid=check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
-            sop_class_uid=check_uid(sop_class, "SOPClassUID"),
-            transfer_syntax_uid=check_uid(ts, "TransferSyntaxUID"),
-            patient_id=_text(ds, "PatientID", 64),
-            patient_name=_text(ds, "PatientName", 324),
-            accession_number=_text(ds, "AccessionNumber", 64),
-            study_date=_text(ds, "StudyDate", 8),
-            study_description=_text(ds, "StudyDescription", 128),
-            modality=_text(ds, "Modality", 16),
-            series_number=_int(ds, "SeriesNumber"),
-            series_description=_text(ds, "SeriesDescription", 128),
-            body_part_examined=_text(ds, "BodyPartExamined", 64),
-            instance_number=_int(ds, "InstanceNumber"),
-        )
-    except IngestError:
-        raise
-    except InvalidUIDError as exc:
-        raise IngestError(Status.INVALID_UID, str(exc)) from None
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
-        raise IngestError(Status.CANNOT_UNDERSTAND, f"cannot decode the data set: {exc}"[:200]) from None
-    return meta
-
-
-def _read_bare(data: bytes, ts: str) -> Dataset:
-    from pydicom.uid import UID
-
-    uid = UID(ts)
-    fh = BytesIO(data)
-    from pydicom.filereader import read_dataset
-
-    if uid.is_deflated:
-        import zlib
-
-        fh = BytesIO(zlib.decompress(data, -zlib.MAX_WBITS))
-    ds = read_dataset(
-        fh,
-        is_implicit_VR=uid.is_implicit_VR,
-        is_little_endian=uid.is_little_endian,
-        stop_when=lambda tag, vr, length: tag >= 0x7FE00010,
-    )
-    ds.file_meta = FileMetaDataset()
-    if len(ds) == 0:
-        raise ValueError("empty data set")
-    return ds
-
-
-def encode_part10(dataset_bytes: bytes, meta: InstanceMeta, *, source_aet: str | None = None) -> bytes:
-    """Prefix a bare data set with preamble and File Meta Information.
-
-    Raises
-    ------
-    InvalidUIDError
-        When a UID of ``meta`` does not follow the UID grammar.
-    """
-    fm = file_meta_bytes(
-        sop_class_uid=meta.sop_class_uid,
-        sop_instance_uid=meta.sop_uid,
-        transfer_syntax_uid=meta.transfer_syntax_uid,
-        source_aet=source_aet,
-    )
-    return b"".join((PREAMBLE, fm, dataset_bytes))
 
 
 class Ingestor:
@@ -234,17 +57,35 @@ class Ingestor:
         The node's database.
     store:
         The instance store.
+    checks:
+        ``[ingest]``: decode check and inflate limit, applied by :meth:`parse`
+        (defaults when None).
     """
 
-    def __init__(self, db: Database, store: InstanceStore) -> None:
+    def __init__(self, db: Database, store: InstanceStore, checks: IngestSettings | None = None) -> None:
         self.db = db
         self.store = store
+        self.checks = checks or IngestSettings()
         dialect = "sqlite" if db.is_sqlite else "postgresql"
         self._study_upsert = _STUDY_UPSERT[dialect]
         self._series_upsert = _SERIES_UPSERT[dialect]
         # Rows of instances received concurrently (several associations,
         # STOW-RS requests) are committed together: one commit per batch.
         self._commits = GroupCommit(db.engine)
+        #: Which association / request / pull brought each study, and how it
+        #: ended (:mod:`pacs_node.ingest.arrivals`).
+        self.arrivals = ArrivalTracker(db, self._commits)
+
+    def parse(self, data: bytes, *, transfer_syntax_uid: str | None = None) -> InstanceMeta:
+        """Read and check the header and pixel data of a received instance
+        (:func:`~pacs_node.ingest.header.parse_meta` with this node's ``[ingest]``).
+
+        Raises
+        ------
+        IngestError
+            ``CANNOT_UNDERSTAND``, ``INVALID_UID`` or ``OUT_OF_RESOURCES``.
+        """
+        return parse_meta(data, transfer_syntax_uid=transfer_syntax_uid, checks=self.checks)
 
     def ingest(
         self,
@@ -253,8 +94,13 @@ class Ingestor:
         *,
         source: str,
         calling_aet: str | None = None,
+        arrival: str | None = None,
     ) -> IngestOutcome:
         """Write ``data`` (a Part 10 file) and commit its row.
+
+        ``arrival`` is the key of the association, STOW-RS request or pull
+        that brought it (:meth:`ArrivalTracker.new_key`); its ``arrivals``
+        row is written in the same commit.
 
         Raises
         ------
@@ -278,12 +124,14 @@ class Ingestor:
             logger.error("storage write failed: %s", exc)
             raise IngestError(Status.OUT_OF_RESOURCES, f"out of resources: storage error ({exc.strerror})") from None
         try:
-            duplicate = self._record(meta, stored.relpath, stored.size, stored.sha256, source, calling_aet)
+            duplicate = self._record(meta, stored.relpath, stored.size, stored.sha256, source, calling_aet, arrival)
         except IngestError:
             raise
         except (OperationalError, SQLAlchemyError) as exc:
             logger.error("database failure recording instance: %s", exc.__class__.__name__, exc_info=True)
             raise IngestError(Status.OUT_OF_RESOURCES, "out of resources: database unavailable") from None
+        if arrival is not None:
+            self.arrivals.stored(arrival)
         return IngestOutcome(
             status=Status.SUCCESS,
             sop_uid=meta.sop_uid,
@@ -313,10 +161,11 @@ class Ingestor:
         sha256: str,
         source: str,
         calling_aet: str | None,
+        arrival: str | None = None,
     ) -> bool:
         """Insert or update rows and commit; returns True for an identical resend."""
         return self._commits.run(
-            lambda conn: self._record_rows(conn, meta, relpath, size, sha256, source, calling_aet)
+            lambda conn: self._record_rows(conn, meta, relpath, size, sha256, source, calling_aet, arrival)
         )
 
     def _record_rows(
@@ -328,6 +177,7 @@ class Ingestor:
         sha256: str,
         source: str,
         calling_aet: str | None,
+        arrival: str | None = None,
     ) -> bool:
         now = utcnow()
         study = conn.execute(
@@ -344,6 +194,11 @@ class Ingestor:
             ),
         ).one()
         study_id, version = int(study.id), int(study.version)
+        if arrival is not None:
+            # Every stored instance, duplicates included: a complete resend
+            # is what clears an interruption.
+            self.arrivals.record(conn, key=arrival, study_id=study_id, source=source,
+                                 calling_aet=calling_aet, now=now)
         series = conn.execute(
             self._series_upsert,
             dict(

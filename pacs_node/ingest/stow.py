@@ -32,6 +32,7 @@ response is always ``application/dicom+json``, whatever the Accept header.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -46,8 +47,9 @@ from pydicom import dcmread
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from pacs_node.api.auth import WriteAuth
 from pacs_node.ingest.multipart import MultipartError, Part, iter_parts, parse_boundary, parse_content_type
-from pacs_node.ingest.recorder import IngestError, Ingestor, InstanceMeta, Status, parse_meta
+from pacs_node.ingest.recorder import IngestError, Ingestor, InstanceMeta, Status
 from pacs_node.ingest.uids import is_valid_uid
 
 __all__ = ["DICOM_JSON", "FAILURE_CANNOT_UNDERSTAND_PART", "router"]
@@ -81,6 +83,10 @@ class _RequestError(Exception):
 
 
 class _BodyTooLarge(Exception):
+    pass
+
+
+class _ReadTimeout(Exception):
     pass
 
 
@@ -157,10 +163,19 @@ def _check_content_type(value: str | None) -> bytes:
         raise _RequestError(400, f"malformed multipart/related Content-Type: {exc}") from None
 
 
-async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
-    """Pass chunks through, raising :class:`_BodyTooLarge` past ``limit`` bytes."""
+async def _limited(stream: AsyncIterator[bytes], limit: int, timeout: float) -> AsyncIterator[bytes]:
+    """Pass chunks through, raising :class:`_BodyTooLarge` past ``limit`` bytes
+    and :class:`_ReadTimeout` when no chunk arrives for ``timeout`` seconds
+    (a Content-Length larger than the body, a stalled client)."""
     total = 0
-    async for chunk in stream:
+    chunks = stream.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), timeout)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise _ReadTimeout() from None
         total += len(chunk)
         if total > limit:
             raise _BodyTooLarge()
@@ -183,7 +198,7 @@ def _known_uids(data: bytes) -> tuple[str | None, str | None]:
     )
 
 
-def _store_part(ingestor: Ingestor, part: Part, study_uid: str | None) -> _Result:
+def _store_part(ingestor: Ingestor, part: Part, study_uid: str | None, arrival: str | None = None) -> _Result:
     """Parse and store one part (blocking: file fsync and SQL)."""
     media_type = part.media_type
     # A part without Content-Type is taken as application/dicom (lenient);
@@ -192,13 +207,13 @@ def _store_part(ingestor: Ingestor, part: Part, study_uid: str | None) -> _Resul
         return _Result(failure=FAILURE_CANNOT_UNDERSTAND_PART)
     meta: InstanceMeta | None = None
     try:
-        meta = parse_meta(part.data)
+        meta = ingestor.parse(part.data)
         if study_uid is not None and meta.study_uid != study_uid:
             raise IngestError(
                 Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                 "Study Instance UID differs from the study in the request URL",
             )
-        outcome = ingestor.ingest(part.data, meta, source="stowrs", calling_aet=None)
+        outcome = ingestor.ingest(part.data, meta, source="stowrs", calling_aet=None, arrival=arrival)
     except IngestError as exc:
         logger.debug("STOW-RS part refused: 0x%04X %s", int(exc.status), exc.comment)
         if meta is not None:
@@ -299,6 +314,7 @@ async def _store(request: Request, study_uid: str | None) -> Response:
 
     node = request.app.state.node
     limit: int = node.settings.http.max_request_bytes
+    checks = node.settings.ingest
     try:
         if study_uid is not None and not is_valid_uid(study_uid):
             raise _RequestError(400, "the Study Instance UID in the request URL is not a valid UID")
@@ -311,16 +327,32 @@ async def _store(request: Request, study_uid: str | None) -> Response:
 
     async def counted() -> AsyncGenerator[bytes, None]:
         nonlocal nbytes
-        async for chunk in _limited(request.stream(), limit):
+        async for chunk in _limited(request.stream(), limit, checks.stow_read_timeout):
             nbytes += len(chunk)
             yield chunk
 
     ingestor: Ingestor = node.ingestor
+    # This request is one arrival (pacs_node.ingest.arrivals): "released" only
+    # when the whole body was read; cut, truncated or too large is "aborted".
+    arrival, arrival_outcome = ingestor.arrivals.new_key("stowrs"), "aborted"
     body = counted()
     parts = iter_parts(body, boundary)
     try:
         async for part in parts:
-            report.results.append(await run_in_threadpool(_store_part, ingestor, part, study_uid))
+            if len(report.results) >= checks.stow_max_parts:
+                return error(
+                    413,
+                    f"request has more than ingest.stow_max_parts ({checks.stow_max_parts}) parts; "
+                    f"{len(report.stored)} instance(s) before the limit were stored",
+                )
+            report.results.append(await run_in_threadpool(_store_part, ingestor, part, study_uid, arrival))
+        arrival_outcome = "released"
+    except _ReadTimeout:
+        return error(
+            408,
+            f"no request body bytes for ingest.stow_read_timeout ({checks.stow_read_timeout:g} s); "
+            f"{len(report.stored)} instance(s) received before were stored",
+        )
     except _BodyTooLarge:
         stored = len(report.stored)
         return error(
@@ -341,6 +373,7 @@ async def _store(request: Request, study_uid: str | None) -> Response:
     finally:
         await parts.aclose()
         await body.aclose()
+        await ingestor.arrivals.aclose(arrival, arrival_outcome)
 
     base_url = str(request.base_url).rstrip("/") + PREFIX
     status = report.http_status()
@@ -366,7 +399,8 @@ _RESPONSES_DOC: dict[int | str, dict[str, Any]] = {
     202: {"description": "Some instances stored, others failed or have warnings.", "content": {DICOM_JSON: {}}},
     400: {"description": "Malformed multipart body or invalid Study Instance UID in the URL."},
     409: {"description": "No instance stored; reasons in FailedSOPSequence.", "content": {DICOM_JSON: {}}},
-    413: {"description": "Request body larger than http.max_request_bytes."},
+    408: {"description": "The body stalled for longer than ingest.stow_read_timeout."},
+    413: {"description": "Request body larger than http.max_request_bytes, or more parts than ingest.stow_max_parts."},
     415: {"description": 'Content-Type is not multipart/related; type="application/dicom".'},
 }
 
@@ -374,6 +408,7 @@ _RESPONSES_DOC: dict[int | str, dict[str, Any]] = {
 @router.post(
     "/studies",
     summary="Store instances (STOW-RS)",
+    dependencies=[WriteAuth],  # a token with the write scope (pacs_node.api.auth)
     response_class=Response,
     responses=_RESPONSES_DOC,
     openapi_extra=_REQUEST_BODY_DOC,
@@ -386,6 +421,7 @@ async def store_instances(request: Request) -> Response:
 @router.post(
     "/studies/{study_uid}",
     summary="Store instances of one study (STOW-RS)",
+    dependencies=[WriteAuth],
     response_class=Response,
     responses=_RESPONSES_DOC,
     openapi_extra=_REQUEST_BODY_DOC,

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pacs_node.ingest.recorder import IngestError, Ingestor, Status, parse_meta
+from pacs_node.ingest.recorder import IngestError, Ingestor, Status
 
 __all__ = [
     "InstanceSink",
@@ -115,18 +115,19 @@ InstanceSink = Callable[[bytes], int]
 
 
 def ingest_pulled(ingestor: Ingestor, report: PullReport, study_uid: str, *, calling_aet: str | None,
-                  source_label: str = "pull") -> InstanceSink:
+                  source_label: str = "pull", arrival: str | None = None) -> InstanceSink:
     """An :data:`InstanceSink` that stores retrieved instances of ``study_uid``
     through the node's ingestor (the durability rule holds: the status is
-    success only once file and row are committed) and counts them in ``report``."""
+    success only once file and row are committed) and counts them in ``report``;
+    ``arrival`` is the pull's arrival key (:mod:`pacs_node.ingest.arrivals`)."""
 
     def sink(data: bytes) -> int:
         report.received += 1
         try:
-            meta = parse_meta(data)
+            meta = ingestor.parse(data)
             if meta.study_uid != study_uid:
                 raise IngestError(Status.INVALID_UID, "instance of another study")
-            outcome = ingestor.ingest(data, meta, source=source_label, calling_aet=calling_aet)
+            outcome = ingestor.ingest(data, meta, source=source_label, calling_aet=calling_aet, arrival=arrival)
         except IngestError as exc:
             report.failed += 1
             if len(report.errors) < 20:

@@ -19,6 +19,12 @@ says what was found:
 * ``completeness not verified: source orthanc unreachable (...) after 120 s``;
 * ``completeness not verified: study ... not found on source orthanc``.
 
+An interrupted study (its arrival was cut; see
+:mod:`pacs_node.ingest.arrivals`) is held until the source confirms that the
+node holds every instance (``CompletenessResult.verified``): for it the
+timeout does not proceed unverified, and a source that does not know the
+study does not release it.
+
 The source is queried in a background thread (the assembler's loop never
 blocks on a slow archive) and at most every ``completeness_poll_seconds`` per
 study.
@@ -177,11 +183,13 @@ class CompletenessChecker:
     def _evaluate(self, entry: _Entry, src: SourceSettings, study: Study) -> CompletenessResult:
         stable_at = study.last_received_at + dt.timedelta(seconds=self.stable_seconds)
         waited = max(0.0, (self.clock() - stable_at).total_seconds())
-        timed_out = waited >= src.completeness_timeout_seconds
+        # A cut study is released only by a verified answer (no time-out).
+        interrupted = study.interrupted_at is not None
+        timed_out = waited >= src.completeness_timeout_seconds and not interrupted
         after = f"after {src.completeness_timeout_seconds:g} s"
         uid = study.study_instance_uid
 
-        if isinstance(entry.error, StudyNotOnSourceError):
+        if isinstance(entry.error, StudyNotOnSourceError) and not interrupted:
             logger.warning("study %s: not found on source %s; completeness not verified", uid, src.name)
             return CompletenessResult(True, f"completeness not verified: study not found on source {src.name}")
         if entry.listing is None:
@@ -201,15 +209,20 @@ class CompletenessChecker:
             have = min(len(held), total)
         if have >= total:
             logger.info("study %s: verified complete against source %s (%d instances)", uid, src.name, total)
-            return CompletenessResult(True, f"verified complete against source {src.name} ({total} instances)")
+            return CompletenessResult(True, f"verified complete against source {src.name} ({total} instances)",
+                                      verified=True)
         if timed_out:
             logger.warning("study %s: proceeded incomplete: %d of %d instances %s (source %s)",
                            uid, have, total, after, src.name)
             return CompletenessResult(True, f"proceeded incomplete: {have} of {total} instances {after}")
         if not entry.announced:
             entry.announced = True
-            logger.info("study %s: waiting up to %g s for %d more instance(s) (%d of %d held; source %s)",
-                        uid, src.completeness_timeout_seconds, total - have, have, total, src.name)
+            if interrupted:
+                logger.info("study %s: interrupted arrival; held until %d more instance(s) arrive (%d of %d "
+                            "held; source %s)", uid, total - have, have, total, src.name)
+            else:
+                logger.info("study %s: waiting up to %g s for %d more instance(s) (%d of %d held; source %s)",
+                            uid, src.completeness_timeout_seconds, total - have, have, total, src.name)
         return CompletenessResult(False)
 
     def _prune(self) -> None:

@@ -22,12 +22,22 @@ instances, C-GET or C-MOVE to retrieve it.
 
 Connection failures, timeouts and aborts raise :class:`SourceUnavailableError`;
 a refused association or a failure status :class:`SourceError`.
+
+With ``tls = true`` every association runs over DICOM TLS
+(:func:`pacs_node.dicom_tls.peer_tls_args`). When it cannot be opened the
+handshake is tried once more on its own to say why: a certificate that does
+not verify or a handshake the archive refuses raises :class:`SourceError`
+(the configuration must change), a port that does not answer
+:class:`SourceUnavailableError`. C-MOVE sends the instances over the
+archive's own association to the node's SCP, TLS or not as the archive is
+configured for the node (``[dicom] tls_port``).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,6 +67,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from pacs_node.dicom_tls import TLSConfigError, diagnose_tls, peer_tls_args
 from pacs_node.ingest.recorder import Status
 from pacs_node.ingest.uids import check_uid
 from pacs_node.pull.base import (
@@ -117,10 +128,25 @@ def _association(src: SourceSettings, ae: AE, *, ext_neg: list[Any] | None = Non
         if getattr(prim, "result", None) is not None:
             seen["rsp"] = prim
 
+    def on_open(event: Any) -> None:
+        seen["connected"] = True
+
+    try:
+        tls_args = peer_tls_args(src, src.host)
+    except TLSConfigError as exc:
+        raise SourceError(f"source {src.name}: {exc}") from None
     assoc = ae.associate(src.host, src.port, ae_title=src.ae_title, max_pdu=src.max_pdu_size,
-                         ext_neg=ext_neg or None,
-                         evt_handlers=[(evt.EVT_ACSE_RECV, on_acse), *(handlers or [])])
+                         ext_neg=ext_neg or None, tls_args=tls_args,
+                         evt_handlers=[(evt.EVT_ACSE_RECV, on_acse), (evt.EVT_CONN_OPEN, on_open),
+                                       *(handlers or [])])
     if not assoc.is_established:
+        if tls_args is not None and seen.get("rsp") is None:
+            why = diagnose_tls(src.host, src.port, tls_args, src.timeout)
+            if isinstance(why, ssl.SSLError):
+                raise SourceError(f"source {src.name}: TLS handshake with {_where(src)} failed: {why}")
+            if why is not None and not seen.get("connected"):
+                raise SourceUnavailableError(f"source {src.name} unreachable over TLS: no association with "
+                                             f"{_where(src)} ({why})")
         rsp = seen.get("rsp")
         if assoc.is_rejected and rsp is not None:
             raise SourceError(f"source {src.name}: association rejected by {_where(src)}: "

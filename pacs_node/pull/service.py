@@ -172,17 +172,24 @@ class PullService:
         method = "WADO-RS" if src.kind == "dicomweb" else src.retrieve.upper()
         report = PullReport(source=src.name, study_uid=study_uid, method=method)
         logger.info("pulling study %s from %s", study_uid, src.describe())
+        # The pull is one arrival: released when the retrieval ended normally,
+        # aborted when it failed midway (C-MOVEd instances arrive on the
+        # source's own association to the SCP, an arrival of its own).
+        arrivals = self.node.ingestor.arrivals
+        arrival, outcome = arrivals.new_key("pull"), "aborted"
         try:
             if src.kind == "dicomweb":
                 report.expected = dicomweb.query_study(src, study_uid).count
-                sink = ingest_pulled(self.node.ingestor, report, study_uid, calling_aet=None)
+                sink = ingest_pulled(self.node.ingestor, report, study_uid, calling_aet=None, arrival=arrival)
                 dicomweb.retrieve_study(src, study_uid, sink)
             elif src.retrieve == "c-get":
-                self._c_get(src, study_uid, report)
+                self._c_get(src, study_uid, report, arrival)
             else:
                 self._c_move(src, study_uid, report)
+            outcome = "released"
         finally:
             report.seconds = time.monotonic() - started
+            arrivals.close(arrival, outcome)
         if report.stored + report.duplicates == 0:
             detail = f": {report.errors[0]}" if report.errors else ""
             raise SourceError(f"source {src.name}: no instance of study {study_uid} could be stored "
@@ -193,7 +200,7 @@ class PullService:
         logger.info("study %s: %s", study_uid, report.summary())
         return report
 
-    def _c_get(self, src: SourceSettings, study_uid: str, report: PullReport) -> None:
+    def _c_get(self, src: SourceSettings, study_uid: str, report: PullReport, arrival: str | None = None) -> None:
         report.expected = dimse.query_study(src, study_uid).count
         classes: set[str] | None = None
         try:
@@ -204,7 +211,7 @@ class PullService:
         except (StudyNotOnSourceError, SourceError) as exc:
             logger.info("source %s: no IMAGE-level C-FIND (%s); proposing the common storage classes",
                         src.name, exc)
-        sink = ingest_pulled(self.node.ingestor, report, study_uid, calling_aet=src.ae_title)
+        sink = ingest_pulled(self.node.ingestor, report, study_uid, calling_aet=src.ae_title, arrival=arrival)
         outcome = dimse.get_study(src, study_uid, sink, classes)
         if outcome.status not in (0x0000, 0xB000):
             if report.received == 0:

@@ -10,6 +10,8 @@ and ask which instances a study holds (completeness check)::
     host = "pacs.example.org"
     port = 4242
     ae_title = "ORTHANC"
+    # tls = true                      # DICOM TLS: tls_ca, tls_cert, tls_key,
+    #                                 # tls_verify_hostname (see pacs_node.dicom_tls)
     # calling_ae_title = "PACSNODE"   # default: [dicom] ae_title
     retrieve = "c-get"                # or "c-move" (to move_destination)
     # move_destination = "PACSNODE"   # default: [dicom] ae_title
@@ -29,18 +31,20 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pacs_node.config import check_ae_title as _ae
 from pacs_node.config import check_peer_address
+from pacs_node.dicom_tls import PeerTLSSettings
 
 __all__ = ["SourceSettings", "find_source", "load_sources"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-class SourceSettings(BaseModel):
-    """One archive the node pulls from and checks completeness against."""
+class SourceSettings(PeerTLSSettings):
+    """One archive the node pulls from and checks completeness against (the
+    ``tls*`` keys: :class:`PeerTLSSettings`, DIMSE sources only)."""
 
     model_config = {"extra": "forbid"}
 
@@ -109,12 +113,16 @@ class SourceSettings(BaseModel):
     def _check_kind(self) -> "SourceSettings":
         self.url = check_peer_address(dimse=self.kind == "dimse", host=self.host, ae_title=self.ae_title,
                                       url=self.url, what=f"a {self.kind} source")
+        if self.kind != "dimse" and self.tls:
+            raise ValueError("tls keys apply to dimse sources; a dicomweb source uses an https:// url "
+                             "(and verify_tls)")
         return self
 
     def describe(self) -> str:
         """Where it is, without secrets (for logs and messages)."""
         if self.kind == "dimse":
-            return f"{self.name} (DIMSE {self.ae_title}@{self.host}:{self.port}, {self.retrieve})"
+            tls = " TLS" if self.tls else ""
+            return f"{self.name} (DIMSE{tls} {self.ae_title}@{self.host}:{self.port}, {self.retrieve})"
         return f"{self.name} (DICOMweb {self.url})"
 
     def http_headers(self) -> dict[str, str]:

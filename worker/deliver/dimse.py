@@ -15,6 +15,16 @@ Outcomes:
   rejected (recorded as 0x0122 "SOP Class not supported"), status 0xA9xx,
   0xCxxx or any other failure → permanent;
 * status 0x0000 and warnings (0x0001, 0xBxxx) → stored.
+
+With ``tls = true`` the association runs over DICOM TLS
+(:func:`pacs_node.dicom_tls.peer_tls_args`: the destination's certificate is
+verified against ``tls_ca``, its host name checked, the node's client
+certificate presented when configured). When it cannot be opened the
+handshake is tried once more on its own to say why: a certificate that does
+not verify or a TLS handshake the archive refuses (no or wrong client
+certificate) is permanent — retrying does not change the certificates —
+while a refused or unreachable port stays transient. A TLS file that cannot
+be loaded is a permanent failure naming the file.
 """
 
 from __future__ import annotations
@@ -25,8 +35,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydicom import dcmread
+import ssl
+
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+
+from pacs_node.dicom_tls import TLSConfigError, diagnose_tls, peer_tls_args
 
 from .base import DeliveryItem, DeliveryResult, Deliverer, InstanceStatus, dimse_status_is_transient, register
 
@@ -77,14 +91,23 @@ class DimseDeliverer(Deliverer):
             if getattr(prim, "result", None) is not None:
                 seen["assoc_rsp"] = prim
 
+        try:
+            tls_args = peer_tls_args(s, s.host)
+        except TLSConfigError as exc:
+            return DeliveryResult(error=f"destination {s.name}: {exc}", transient=False)
         assoc = ae.associate(
             s.host,
             s.port,
             ae_title=s.ae_title,
             max_pdu=s.max_pdu_size,
             evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse)],
+            tls_args=tls_args,
         )
         if not assoc.is_established:
+            if tls_args is not None and seen.get("assoc_rsp") is None:
+                failed = self._tls_failure(tls_args, connected=bool(seen.get("connected")))
+                if failed is not None:
+                    return failed
             return self._not_established(assoc, seen, items)
         try:
             try:
@@ -127,6 +150,18 @@ class DimseDeliverer(Deliverer):
         if dimse_status_is_transient(code):
             return status("error", code, text + ": out of resources", True)
         return status("refused", code, text + ": refused", False)
+
+    def _tls_failure(self, tls_args: tuple[ssl.SSLContext, str], *, connected: bool) -> DeliveryResult | None:
+        """Why an association over TLS failed, when TLS is the reason (else None)."""
+        s = self.settings
+        where = f"{s.ae_title}@{s.host}:{s.port}"
+        exc = diagnose_tls(s.host, s.port, tls_args, s.timeout)
+        if isinstance(exc, ssl.SSLError):
+            log.warning("destination %s: TLS handshake with %s failed: %s", s.name, where, exc)
+            return DeliveryResult(error=f"TLS handshake with {where} failed: {exc}", transient=False)
+        if exc is not None and not connected:
+            return DeliveryResult(error=f"cannot connect to {where} over TLS ({exc})", transient=True)
+        return None
 
     def _not_established(self, assoc: Any, seen: dict[str, Any], items: Sequence[DeliveryItem]) -> DeliveryResult:
         where = f"{self.settings.ae_title}@{self.settings.host}:{self.settings.port}"

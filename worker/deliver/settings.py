@@ -9,6 +9,13 @@
     port = 104
     ae_title = "PACS"
     # calling_ae_title = "PACSNODE"   # default: [dicom] ae_title
+    # DICOM TLS (pacs_node.dicom_tls.PeerTLSSettings), e.g. port = 2762:
+    # tls = true
+    # tls_ca = "/etc/pacs-node/tls/hospital-ca.pem"   # default: system trust store
+    # tls_cert = "/etc/pacs-node/tls/node.pem"        # client certificate, when the
+    # tls_key = "/etc/pacs-node/tls/node.key"         #   archive requires one
+    storage_commitment = "auto"       # false (default) | true | "auto"
+    commitment_timeout = 60.0
 
     [[destinations]]
     name = "orthanc-web"
@@ -23,18 +30,20 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pacs_node.config import check_ae_title as _ae
 from pacs_node.config import check_peer_address
+from pacs_node.dicom_tls import PeerTLSSettings
 
 __all__ = ["DestinationSettings", "load_destinations"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-class DestinationSettings(BaseModel):
-    """One destination archive."""
+class DestinationSettings(PeerTLSSettings):
+    """One destination archive (the ``tls*`` keys: :class:`PeerTLSSettings`,
+    DIMSE destinations only)."""
 
     model_config = {"extra": "forbid"}
 
@@ -61,7 +70,17 @@ class DestinationSettings(BaseModel):
 
     #: Seconds for connecting and for each network operation.
     timeout: float = Field(default=30.0, gt=0)
-    #: Attempts per delivery (1 = no retry).
+    #: Storage Commitment Push Model after a DIMSE delivery (N-ACTION, then the
+    #: N-EVENT-REPORT on the same association or one the archive opens to the
+    #: node's SCP): false = never ask; "auto" = ask, and a destination that does
+    #: not support it is recorded "not_supported" (the delivery still succeeds);
+    #: true = required (not supported fails the delivery). With either, instances
+    #: still failed or unanswered after max_attempts requests fail the delivery.
+    storage_commitment: Literal[False, True, "auto"] = False
+    #: Seconds to wait for the N-EVENT-REPORT after the N-ACTION was accepted.
+    commitment_timeout: float = Field(default=60.0, gt=0)
+
+    #: Attempts per delivery (1 = no retry); also per storage commitment.
     max_attempts: int = Field(default=5, ge=1, le=100)
     #: Wait before retry n (n ≥ 1): backoff_seconds * 2**(n-1), at most max_backoff_seconds.
     backoff_seconds: float = Field(default=2.0, ge=0)
@@ -88,6 +107,11 @@ class DestinationSettings(BaseModel):
     def _check_kind(self) -> "DestinationSettings":
         self.url = check_peer_address(dimse=self.kind == "dimse", host=self.host, ae_title=self.ae_title,
                                       url=self.url, what=f"a {self.kind} destination")
+        if self.kind != "dimse" and self.tls:
+            raise ValueError("tls keys apply to dimse destinations; a stowrs destination uses an https:// url "
+                             "(and verify_tls)")
+        if self.storage_commitment is not False and self.kind != "dimse":
+            raise ValueError("storage_commitment needs a dimse destination (it is a DIMSE service)")
         return self
 
     def backoff(self, retry: int) -> float:
@@ -97,7 +121,7 @@ class DestinationSettings(BaseModel):
     def describe(self) -> str:
         """Where it goes, without secrets (for logs)."""
         if self.kind == "dimse":
-            return f"{self.name} (DIMSE {self.ae_title}@{self.host}:{self.port})"
+            return f"{self.name} (DIMSE{' TLS' if self.tls else ''} {self.ae_title}@{self.host}:{self.port})"
         return f"{self.name} (STOW-RS {self.url})"
 
 
