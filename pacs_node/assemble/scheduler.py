@@ -17,6 +17,28 @@ the job's reason ("proceeded incomplete: 8 of 10 instances after 120 s").
 :meth:`StudyAssembler.tick` claims each complete version with one atomic
 ``UPDATE ... WHERE job_version < version`` and creates its job in the same
 transaction, so two node processes can never create the same job.
+
+Interrupted studies
+-------------------
+A study whose arrival was cut (A-ABORT, lost connection, node crash; see
+:mod:`pacs_node.ingest.arrivals`) carries ``studies.interrupted_at``. Its
+quiet time says nothing about completeness then, so none of the rules above
+claims it -- not even ``force_complete_seconds``, which exists for senders
+that trickle, not for transfers known to be cut (Orthanc's ``StableAge`` and
+mercure's quiet-time triggers have no notion of an abort; their users expect
+a partial transfer to be sent again, not analysed). It is claimed when
+
+* a later arrival for the study ends normally (the mark is cleared; then the
+  usual rules apply, from its last instance), or
+* the completeness gate *verifies* it against the source archive
+  (``CompletenessResult.verified``) after ``stable_seconds`` of quiet, or
+* an operator analyses it (``POST /api/v1/studies/{uid}/analyze``,
+  ``pacs-node analyze``).
+
+An association that is still open does not hold its study: a sender that
+keeps an association open between studies, or pauses mid-study, is covered
+by ``stable_seconds`` and the completeness gate as before, and a cut is
+known only once the association ends.
 """
 
 from __future__ import annotations
@@ -51,6 +73,9 @@ class CompletenessResult:
 
     ready: bool
     note: str | None = None
+    #: The study's instances were checked against its source and all are
+    #: held: only this releases an interrupted study.
+    verified: bool = False
 
 
 Completeness = Callable[[Study], CompletenessResult]
@@ -62,6 +87,8 @@ class _Candidate:
     version: int
     last_received_at: dt.datetime
     version_started_at: dt.datetime
+    interrupted_at: dt.datetime | None = None
+    interrupted_reason: str | None = None
 
 
 class StudyAssembler:
@@ -114,6 +141,17 @@ class StudyAssembler:
         created: list[int] = []
         next_due: dt.datetime | None = None
         for cand in self._candidates():
+            if cand.interrupted_at is not None:
+                reason = self._interrupted_reason(cand, now)
+                if reason is None:
+                    due = cand.last_received_at + dt.timedelta(seconds=self.settings.stable_seconds)
+                    if due > now:
+                        next_due = due if next_due is None else min(next_due, due)
+                    continue
+                job_id = self._claim(cand, reason)
+                if job_id is not None:
+                    created.append(job_id)
+                continue
             reason = self._completion_reason(cand, now)
             if reason is None:
                 due = self._due_at(cand)
@@ -145,7 +183,8 @@ class StudyAssembler:
     def _candidates(self) -> list[_Candidate]:
         with self.db.sessionmaker() as s:
             rows = s.execute(
-                select(Study.id, Study.version, Study.last_received_at, Study.version_started_at)
+                select(Study.id, Study.version, Study.last_received_at, Study.version_started_at,
+                       Study.interrupted_at, Study.interrupted_reason)
                 .where(Study.job_version < Study.version)
                 .order_by(Study.last_received_at)
             ).all()
@@ -166,6 +205,18 @@ class StudyAssembler:
             if all(any(p.search(t) for t in texts) for p in self._patterns):
                 return "required series present"
         return None
+
+    def _interrupted_reason(self, cand: _Candidate, now: dt.datetime) -> str | None:
+        """Claim reason for an interrupted study: only a verified completeness
+        check after ``stable_seconds`` of quiet (see the module docstring)."""
+        if self.completeness is None:
+            return None
+        if (now - cand.last_received_at).total_seconds() < self.settings.stable_seconds:
+            return None
+        verdict = self._check_completeness(cand)
+        if verdict is None or not (verdict.ready and verdict.verified):
+            return None
+        return f"interrupted arrival ({cand.interrupted_reason}); {verdict.note or 'verified complete'}"
 
     def _due_at(self, cand: _Candidate) -> dt.datetime:
         """When a waiting candidate becomes stable or forced, if nothing else arrives."""
@@ -212,6 +263,9 @@ class StudyAssembler:
                         Study.job_version < cand.version,
                         # Nothing arrived since we looked, unless forced.
                         Study.last_received_at == cand.last_received_at,
+                        # Not interrupted since we looked (nor cleared).
+                        Study.interrupted_at.is_(None) if cand.interrupted_at is None
+                        else Study.interrupted_at == cand.interrupted_at,
                     )
                     .values(job_version=cand.version)
                     .execution_options(synchronize_session=False)

@@ -29,6 +29,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
+    "ARRIVAL_ABNORMAL",
+    "Arrival",
     "Base",
     "DeliveryAttempt",
     "Instance",
@@ -36,6 +38,8 @@ __all__ = [
     "JobEvent",
     "Output",
     "Series",
+    "StorageCommitment",
+    "StorageCommitmentItem",
     "Study",
     "UTCDateTime",
     "utcnow",
@@ -110,6 +114,12 @@ class Study(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
     job_version: Mapped[int] = mapped_column(Integer, default=0)
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
+    # The pending version's arrival ended abnormally (see Arrival): the study
+    # waits for a complete resend, source verification or an operator.
+    # interrupted_at is the cut arrival's last instance; interrupted_reason
+    # its outcome (aborted, lost, crashed).
+    interrupted_at: Mapped[dt.datetime | None] = mapped_column()
+    interrupted_reason: Mapped[str | None] = mapped_column(String(32))
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
     jobs: Mapped[list[Job]] = relationship(back_populates="study", order_by="Job.id")
@@ -268,3 +278,100 @@ class DeliveryAttempt(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column()
 
     job: Mapped[Job] = relationship(back_populates="deliveries")
+
+
+# ---------------------------------------------------------------- storage commitment
+class StorageCommitment(Base):
+    """One Storage Commitment (Push Model) request to a destination: the
+    N-ACTION sent after a delivery and the N-EVENT-REPORT that answers it.
+
+    ``state``: ``pending`` (asked, no report yet), ``committed`` (event type
+    1: every instance), ``failed`` (event type 2: some instances failed),
+    ``timeout`` (no report within ``commitment_timeout``; a late report still
+    updates the row), ``not_supported`` (the destination rejected the SOP
+    Class), ``error`` (N-ACTION refused or not answered). ``attempt`` counts
+    the requests of one job to one destination. The report may arrive on the
+    N-ACTION's association (recorded by the worker) or on one the archive
+    opens to the node's SCP (recorded by the node): ``report_association``
+    says which.
+    """
+
+    __tablename__ = "storage_commitments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    #: AE title of the destination (the reporting association must come from it).
+    remote_ae: Mapped[str] = mapped_column(String(16))
+    transaction_uid: Mapped[str] = mapped_column(UID, unique=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    #: N-ACTION response status; None when there was no answer.
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    #: N-EVENT-REPORT Event Type ID (1: all committed, 2: failures exist).
+    event_type: Mapped[int | None] = mapped_column(Integer)
+    report_association: Mapped[str | None] = mapped_column(String(16))  # same | separate
+    error: Mapped[str | None] = mapped_column(Text)
+    requested_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    reported_at: Mapped[dt.datetime | None] = mapped_column()
+
+    items: Mapped[list[StorageCommitmentItem]] = relationship(
+        back_populates="commitment", order_by="StorageCommitmentItem.id", cascade="all, delete-orphan"
+    )
+
+
+class StorageCommitmentItem(Base):
+    """One instance of a :class:`StorageCommitment`: ``status`` is ``pending``,
+    ``committed`` or ``failed`` (with the report's Failure Reason, PS3.3 C.14.1.1)."""
+
+    __tablename__ = "storage_commitment_items"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    commitment_id: Mapped[int] = mapped_column(
+        ForeignKey("storage_commitments.id", ondelete="CASCADE"), index=True
+    )
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    status: Mapped[str] = mapped_column(String(16))
+    failure_reason: Mapped[int | None] = mapped_column(Integer)
+
+    commitment: Mapped[StorageCommitment] = relationship(back_populates="items")
+
+    __table_args__ = (
+        UniqueConstraint("commitment_id", "sop_instance_uid", name="uq_storage_commitment_items_instance"),
+    )
+
+
+#: Arrival outcomes that leave a study interrupted.
+ARRIVAL_ABNORMAL = ("aborted", "lost", "crashed")
+
+
+class Arrival(Base):
+    """One association, STOW-RS request or pull that stored instances of a study.
+
+    Written in the same commit as the first instance it stored (so a crash
+    leaves it open) and closed when the arrival ends: ``outcome`` is
+    ``released`` (normal end), ``aborted`` (A-ABORT received or sent, STOW-RS
+    body cut, pull failed), ``lost`` (connection closed without release) or
+    ``crashed`` (still open when the node started again); NULL while open.
+    ``host``/``pid``/``process`` name the node process that owns it, so a
+    start-up only closes arrivals of processes that are gone.
+    """
+
+    __tablename__ = "arrivals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    key: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(16))  # dimse | stowrs | pull
+    calling_aet: Mapped[str | None] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    process: Mapped[str] = mapped_column(String(32))
+    opened_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_instance_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    closed_at: Mapped[dt.datetime | None] = mapped_column()
+    outcome: Mapped[str | None] = mapped_column(String(16), index=True)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (UniqueConstraint("key", "study_id", name="uq_arrivals_key_study"),)
