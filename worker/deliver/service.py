@@ -15,6 +15,11 @@ status, status code, error and the status of each instance.
 The job ends ``done`` when every destination stored every output, else
 ``delivery_failed`` with the reason (a permanent refusal stops retrying that
 destination at once).
+
+A DIMSE destination with ``storage_commitment`` set is then asked to commit
+what it stored (:mod:`.commitment`); the delivery to it succeeds only once
+every instance is committed (or, with ``"auto"``, when it does not support
+Storage Commitment), each request being one ``storage_commitments`` row.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pacs_node.db.session import Database
 from pacs_node.jobs.states import JobState, transition
 
 from .base import DeliveryItem, DeliveryResult, Deliverer, InstanceStatus, make_deliverer
+from .commitment import commit_delivery
 from .settings import DestinationSettings, load_destinations
 
 if TYPE_CHECKING:
@@ -57,6 +63,9 @@ class DestinationOutcome:
     attempts: int
     status: str
     error: str | None = None
+    #: Storage commitment state (``committed``, ``not_supported``, ``failed``,
+    #: ``timeout``, ``error``); None when not asked.
+    commitment: str | None = None
 
 
 @dataclass
@@ -200,12 +209,16 @@ def deliver_job(
 
     report = JobDeliveryReport(job_id, JobState.DELIVERING.value)
     for dest in active:
-        report.destinations.append(_deliver_to(db, job_id, dest, items, sleep, deliverer_factory))
+        outcome = _deliver_to(db, job_id, dest, items, sleep, deliverer_factory)
+        if outcome.ok and dest.kind == "dimse" and dest.storage_commitment is not False:
+            outcome = _commit(db, job_id, dest, items, sleep, deliverer_factory, outcome)
+        report.destinations.append(outcome)
     failed = [d for d in report.destinations if not d.ok]
     if failed:
         message = "; ".join(f"{d.name}: {d.status} after {d.attempts} attempt(s): {d.error}" for d in failed)
     else:
-        message = "delivered to " + ", ".join(d.name for d in report.destinations)
+        message = "delivered to " + ", ".join(
+            d.name + (f" (storage commitment: {d.commitment})" if d.commitment else "") for d in report.destinations)
     report.state = _finish(db, job_id, not failed, message, time.monotonic() - started)
     return report
 
@@ -278,3 +291,25 @@ def _deliver_to(
         error = _error_text(last) or "not delivered"
     status = "partial" if any(st.ok for st in final.values()) else last.status
     return DestinationOutcome(dest.name, False, n, status, error)
+
+
+def _commit(
+    db: Database,
+    job_id: int,
+    dest: DestinationSettings,
+    items: list[DeliveryItem],
+    sleep: Callable[[float], None],
+    factory: Callable[[DestinationSettings], Deliverer],
+    delivered: DestinationOutcome,
+) -> DestinationOutcome:
+    """Storage commitment after a successful delivery; failed instances are sent again."""
+
+    def redeliver(again: list[DeliveryItem]) -> tuple[bool, str | None]:
+        out = _deliver_to(db, job_id, dest, again, sleep, factory)
+        return out.ok, out.error
+
+    result = commit_delivery(db, job_id, dest, items, redeliver=redeliver, sleep=sleep)
+    if result.ok:
+        return DestinationOutcome(dest.name, True, delivered.attempts, "success", commitment=result.state)
+    return DestinationOutcome(dest.name, False, result.attempts, "uncommitted",
+                              f"storage commitment {result.state}: {result.error}", commitment=result.state)
