@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from api.api_seed import FakeDispatcher
 from dicom_factory import make_study, to_bytes
+from nodetest import TEST_AUTH
 from pacs_node.api.app import create_app
 from pacs_node.assemble.scheduler import StudyAssembler
 from pacs_node.cli import data_cmds
@@ -121,7 +122,7 @@ def test_out_of_domain_series_is_recorded(node: Node, settings: Settings, caplog
     assert f"job {job_id}:" in line and all(w in line for w in OUT_OF_DOMAIN["warnings"])
     assert "Test^Patient" not in caplog.text and "TEST-001" not in caplog.text
 
-    with TestClient(create_app(node, dispatcher=FakeDispatcher())) as c:
+    with TestClient(create_app(node, dispatcher=FakeDispatcher()), headers=TEST_AUTH) as c:
         r = c.get(f"/api/v1/jobs/{job_id}")
     assert r.status_code == 200 and r.json()["findings"]["domain"] == domain
 

@@ -5,6 +5,7 @@ other hosts with no shared disk)."""
 from __future__ import annotations
 
 import logging
+import ssl
 import tempfile
 from pathlib import Path
 
@@ -76,14 +77,34 @@ def fetch_series_shared(db: Database, storage_root: Path, series_uid: str) -> Se
 
 
 def fetch_series_remote(node_url: str, study_uid: str, series_uid: str, *, token: str = "",
-                        timeout: float = 120.0) -> SeriesFiles:
+                        timeout: float = 120.0, verify: bool | ssl.SSLContext = True) -> SeriesFiles:
     """Download a series from the node over WADO-RS into a temporary directory.
+
+    Parameters
+    ----------
+    node_url:
+        The node's HTTP(S) address (``[worker] node_url``).
+    study_uid, series_uid:
+        The series to fetch.
+    token:
+        The worker's own bearer token (``[worker] node_token``; the read
+        scope is enough).
+    timeout:
+        Seconds per request.
+    verify:
+        Certificate verification of an https node (``WorkerSettings.node_verify``).
+
+    Returns
+    -------
+    SeriesFiles
+        The instance files.
 
     Raises
     ------
     FetchError
-        Transient for connection errors and 5xx, permanent for 4xx or a
-        malformed response.
+        Transient for connection errors and 5xx, permanent for 4xx (401/403:
+        the token), a certificate that fails verification, or a malformed
+        response.
     """
     check_uid(study_uid, "StudyInstanceUID")
     check_uid(series_uid, "SeriesInstanceUID")
@@ -92,11 +113,19 @@ def fetch_series_remote(node_url: str, study_uid: str, series_uid: str, *, token
     if token:
         headers["Authorization"] = f"Bearer {token}"
     try:
-        r = httpx.get(url, headers=headers, timeout=timeout)
+        r = httpx.get(url, headers=headers, timeout=timeout, verify=verify)
+    except httpx.ConnectError as exc:
+        if isinstance(exc.__context__, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            raise FetchError(f"WADO-RS {url}: the node's certificate failed verification "
+                             "(worker.node_ca_file)", transient=False) from None
+        raise FetchError(f"WADO-RS {url} failed: {exc.__class__.__name__}", transient=True) from None
     except httpx.HTTPError as exc:
         raise FetchError(f"WADO-RS {url} failed: {exc.__class__.__name__}", transient=True) from None
     if r.status_code >= 500:
         raise FetchError(f"WADO-RS {url} answered {r.status_code}", transient=True)
+    if r.status_code in (401, 403):
+        raise FetchError(f"WADO-RS {url} answered {r.status_code}: the node refused worker.node_token "
+                         "(it needs a [[http.tokens]] entry with the read scope)", transient=False)
     if r.status_code != 200:
         raise FetchError(f"WADO-RS {url} answered {r.status_code}: {r.text[:200]}", transient=False)
     try:

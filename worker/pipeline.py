@@ -237,6 +237,11 @@ def _process_claimed(ctx: WorkerContext, job_id: int) -> None:
             for f in prediction.findings
         ],
     }
+    validation = built.validation() if hasattr(built, "validation") else {}
+    if validation:
+        # what the gate found in the source and repaired or let through (no values: no patient data)
+        findings["validation"] = validation
+    notes = _validation_note(validation)
     domain = _domain(prediction)
     outside = ""
     if domain:
@@ -258,7 +263,22 @@ def _process_claimed(ctx: WorkerContext, job_id: int) -> None:
         job.enqueued_at = None
         job.lease_expires_at = None  # the delivery step takes its own lease
         transition(s, job, JobState.DELIVERING,
-                   f"{len(prediction.findings)} finding(s), {len(built)} output(s) built{outside}", host=ctx.host)
+                   f"{len(prediction.findings)} finding(s), {len(built)} output(s) built{notes}{outside}",
+                   host=ctx.host)
+
+
+def _validation_note(validation: dict[str, Any]) -> str:
+    """``", 2 source header value(s) repaired, 1 source error inherited"`` for the job's history, or ``""``."""
+    if not validation:
+        return ""
+    repaired = [f for f in validation.get("fixes", []) if f.get("action") in ("removed", "emptied")]
+    inherited = {line for lines in validation.get("inherited", {}).values() for line in lines}
+    note = ""
+    if repaired:
+        note += f", {len(repaired)} source header value(s) repaired"
+    if inherited:
+        note += f", {len(inherited)} source error(s) inherited"
+    return note
 
 
 def _jsonable(value: Any) -> Any:
@@ -297,7 +317,8 @@ def _domain(prediction: Any) -> dict[str, Any]:
 def _fetch(ctx: WorkerContext, study_uid: str, series_uid: str) -> SeriesFiles:
     try:
         if ctx.worker.storage == "remote":
-            return fetch_series_remote(ctx.worker.node_url, study_uid, series_uid, token=ctx.worker.node_token)
+            return fetch_series_remote(ctx.worker.node_url, study_uid, series_uid, token=ctx.worker.node_token,
+                                       verify=ctx.worker.node_verify())
         return fetch_series_shared(ctx.db, ctx.settings.storage.root, series_uid)
     except FetchError as exc:
         if exc.transient:
@@ -306,13 +327,22 @@ def _fetch(ctx: WorkerContext, study_uid: str, series_uid: str) -> SeriesFiles:
 
 
 def _build(ctx: WorkerContext, job_id: int, paths: list[Path], prediction: Any, predictor: Any,
-           order: list[Any], headers: list[Any]) -> list[Any]:
-    """Build, validate and write the outputs from the headers the loader read; returns the written outputs."""
+           order: list[Any], headers: list[Any]) -> Any:
+    """Build, validate and write the outputs from the headers the loader read.
+
+    Returns the written outputs (``worker.outputs.build.JobOutputs``).
+
+    Raises
+    ------
+    PermanentJobError
+        An output failed validation, or the source cannot be used.
+    """
     from worker.outputs.build import build_job_outputs
+    from worker.outputs.source import SourceError
     from worker.outputs.validate import OutputValidationError
 
     try:
-        return list(build_job_outputs(
+        return build_job_outputs(
             job_id=job_id,
             source_paths=paths,
             prediction=prediction,
@@ -321,9 +351,11 @@ def _build(ctx: WorkerContext, job_id: int, paths: list[Path], prediction: Any, 
             out_dir=ctx.outputs_dir / str(job_id),
             order=order,
             source_headers=headers,
-        ))
+        )
     except OutputValidationError as exc:
         raise PermanentJobError(f"output failed validation: {exc}") from None
+    except SourceError as exc:
+        raise PermanentJobError(f"outputs cannot be built from the source series: {exc}") from None
 
 
 def deliver(ctx: WorkerContext, job_id: int, *, sleep: Any = time.sleep) -> str:

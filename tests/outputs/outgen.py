@@ -231,3 +231,48 @@ def run_pixelmed_sr(path: Path, jar: str = PIXELMED_JAR) -> tuple[list[str], lis
     assert "Found Root Template TID_1500" in out and "IOD validation complete" in out, out[-3000:]
     lines = out.splitlines()
     return [x for x in lines if x.startswith("Error")], [x for x in lines if x.startswith("Warning")]
+
+
+#: Real-world header defects (value, attribute, what the gate does with it in the outputs).
+HEADER_DEFECTS: dict[str, tuple[Any, str]] = {
+    "PatientAge": ("42", "removed"),  # AS without unit (Type 3)
+    "StudyDate": ("2026-01-01", "emptied"),  # DA with separators (Type 2)
+    "PatientName": ("Doe_John", "kept"),  # PN with "_": dciodvfy warns only ("Retired Person Name form")
+    "StudyDescription": ("MRI brain with and without contrast, epilepsy protocol 7, follow-up examination", "removed"),  # LO > 64
+    "AccessionNumber": ("ACC-2026-000123456", "emptied"),  # SH > 16 (Type 2)
+    "PatientSex": ("male", "emptied"),  # CS lowercase, not an enumerated value (Type 2)
+    "AdditionalPatientHistory": ("x" * 10, "kept"),  # LT: valid, untouched
+    "BodyPartExamined": ("head and neck region", "source only"),  # bad CS, General Series: not copied
+    # Type 1: cannot be repaired; inherited by every output
+    "ClinicalTrialSponsorName": ("Sponsor " + "S" * 60, "kept"),
+}
+#: Type 2 attributes the corpus leaves out (added empty in the outputs).
+HEADER_MISSING = ("PatientBirthDate", "ReferringPhysicianName")
+
+
+def with_header_defects(datasets: list[Dataset]) -> list[Dataset]:
+    """``datasets`` with :data:`HEADER_DEFECTS` and :data:`HEADER_MISSING` (in place, returned)."""
+    for ds in datasets:
+        for keyword, (value, _) in HEADER_DEFECTS.items():
+            setattr(ds, keyword, value)
+        # the rest of a plausible Clinical Trial Subject module
+        ds.ClinicalTrialProtocolID = "P-7"
+        ds.ClinicalTrialProtocolName = "Follow-up"
+        ds.ClinicalTrialSiteID = "S1"
+        ds.ClinicalTrialSiteName = "Site 1"
+        ds.ClinicalTrialSubjectID = "SUBJ-1"
+        for keyword in HEADER_MISSING:
+            if keyword in ds:
+                delattr(ds, keyword)
+    return datasets
+
+
+def run_pixelmed_instance(path: Path, jar: str = PIXELMED_JAR) -> tuple[list[str], list[str]]:
+    """PixelMed's ``DicomInstanceValidator`` (IOD rules) on one file: its Error and Warning lines."""
+    limits = [f"-Djdk.xml.{k}=0" for k in ("xpathExprOpLimit", "xpathExprGrpLimit", "xpathTotalOpLimit")]
+    res = subprocess.run(["java", *limits, "-cp", jar, "com.pixelmed.validate.DicomInstanceValidator", str(path)],
+                         capture_output=True, text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert "IOD validation complete" in out, out[-3000:]
+    lines = out.splitlines()
+    return [x for x in lines if x.startswith("Error")], [x for x in lines if x.startswith("Warning")]

@@ -66,10 +66,11 @@ def test_deterministic_uids(out_settings: OutputSettings) -> None:
     tracking = _uidrefs(_sr(first).dataset)
     assert len(tracking) >= 3 and tracking == _uidrefs(_sr(again).dataset)
     device = uid_factory(42, source, ALGORITHM, settings).device()  # the observer device: same model, same UID
-    assert tracking & _uidrefs(_sr(other_job).dataset) == {device}
+    # shared with another job's report: the device and the source's frame of reference (image library)
+    assert tracking & _uidrefs(_sr(other_job).dataset) == {device, source.frame_of_reference_uid}
     # a switch between map encodings never reuses a UID for another SOP class
     pm = build_outputs(job_id=42, source=source, prediction=pred, algorithm=ALGORITHM,
-                       settings=settings.model_copy(update={"anomaly_map": "parametric"}))
+                       settings=settings.model_copy(update={"anomaly_map": "fractional"}))
     def _map(outputs: list[BuiltOutput]) -> BuiltOutput:
         return next(o for o in outputs if o.kind == "map")
 
@@ -228,8 +229,10 @@ def test_build_from_the_loaders_headers_equals_build_from_the_files(tmp_path: Pa
 
 def test_output_settings_validation() -> None:
     s = OutputSettings.model_validate({})
-    assert s.uid_root == "2.25." and s.anomaly_map == "fractional" and s.seg_omit_empty_frames is False
+    assert s.uid_root == "2.25." and s.anomaly_map == "parametric" and s.seg_omit_empty_frames is False
+    assert s.seg_segments == "per_finding" and s.sr_ohif_tracking is True and s.source_header_fixes == "fix"
     for bad in ({"uid_root": "1.2.3"}, {"uid_root": "1.02.3."}, {"anomaly_map": "heat"}, {"unknown": 1},
+                {"seg_segments": "each"}, {"source_header_fixes": "drop"},
                 {"seg_series_description": "x" * 65}, {"overlay_color": [300, 0, 0]}):
         with pytest.raises(ValidationError):
             OutputSettings.model_validate(bad)
@@ -252,7 +255,49 @@ def test_roi_group_count_matches_highdicom(tmp_path: Path, out_settings: OutputS
     sr = _sr(built)
     sr.dataset.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
     report = hd.sr.srread(tmp_path / "sr.dcm")
-    expected = len(report.content.get_volumetric_roi_measurement_groups())  # type: ignore[attr-defined]
+    if boxes:
+        expected = len(report.content.get_volumetric_roi_measurement_groups())  # type: ignore[attr-defined]
+    else:  # an empty Imaging Measurements container: highdicom's finder needs a Content Sequence
+        expected = 0
     assert expected == len(boxes)
     assert volumetric_roi_groups(report) == expected
     assert volumetric_roi_groups(pydicom.dcmread(tmp_path / "sr.dcm")) == expected
+
+
+def test_a_jpeg_lossless_source_goes_through_the_worker(tmp_path: Path, dciodvfy: str) -> None:
+    """JPEG Lossless SV1 (1.2.840.10008.1.2.4.70) source files: the worker's
+    loader decodes them, the outputs reference them, and the overlay (which
+    draws the source pixels again) decodes them too."""
+    import subprocess
+
+    from nodetest import require_tool
+    from worker.engine.dicom_io import load_series_headers
+    from worker.engine.postprocess import extract_findings
+    from worker.engine.predictor import Prediction
+
+    plain = write_series(synthetic_series(modality="CT", n=6, seed=3), tmp_path / "plain")
+    encoded = []
+    for p in plain:
+        out = tmp_path / f"jpeg-{p.name}"
+        subprocess.run([require_tool("dcmcjpeg"), "+e1", str(p), str(out)], check=True, capture_output=True, timeout=60)
+        assert pydicom.dcmread(out, stop_before_pixels=True).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+        encoded.append(out)
+    volume, refs, headers = load_series_headers(encoded)
+    mask = np.zeros(volume.shape, bool)
+    mask[2:4, 5:10, 4:9] = True
+    amap = np.where(mask, 0.8, 0.1).astype(np.float32)
+    labels, _ = ndimage.label(mask)
+    prediction = Prediction(mask=mask, anomaly_map=amap, findings=extract_findings(labels, amap, volume),
+                            study_score=1.4, threshold=0.3)
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'node.db'}")
+    settings.outputs = {"overlay": True, "require_dciodvfy": True}
+    written = build_job_outputs(job_id=6, source_paths=encoded, prediction=prediction, predictor=_Predictor(),
+                                settings=settings, out_dir=tmp_path / "out" / "6", order=refs, source_headers=headers)
+    assert [w.kind for w in written][:3] == ["seg", "sr", "map"]
+    overlays = [pydicom.dcmread(w.path) for w in written if w.kind == "overlay"]
+    assert len(overlays) == 2 and all(o.pixel_array.shape[-1] == 3 for o in overlays)
+    plain_pixels = {str(pydicom.dcmread(p).SOPInstanceUID): pydicom.dcmread(p).pixel_array for p in plain}
+    for o in overlays:  # the grey picture is the source's (lossless: the same pixels as uncompressed)
+        src = plain_pixels[str(o.SourceImageSequence[0].ReferencedSOPInstanceUID)]
+        grey = o.pixel_array[..., 1].astype(int)
+        assert np.corrcoef(grey[src > 0].ravel(), src[src > 0].ravel())[0, 1] > 0.9

@@ -167,3 +167,67 @@ def test_shape_mismatch_and_bad_sources() -> None:
         SourceSeries.from_datasets(datasets + other)
     with pytest.raises(SourceError, match="order"):
         SourceSeries.from_datasets(datasets, order=[source.slices[0]])
+
+
+@pytest.mark.parametrize("omit", [False, True], ids=["all-frames", "omit-empty"])
+def test_one_segment_per_finding(omit: bool, tmp_path: Path, out_settings: OutputSettings, dciodvfy: str) -> None:
+    """Three findings (two on one slice): three segments "Anomaly 1..3", each
+    holding exactly its finding's voxels on its own source slices, distinct
+    colours, tracking UIDs shared with the SR's groups."""
+    source = SourceSeries.from_datasets(SOURCES["ct-single"]())
+    pred = prediction_for(source, [(slice(1, 3), slice(2, 7), slice(3, 9)), (slice(2, 3), slice(15, 20), slice(12, 16)),
+                                   (slice(6, 8), slice(10, 12), slice(2, 5))])
+    assert len(pred.findings) == 3
+    settings = out_settings.model_copy(update={"seg_omit_empty_frames": omit})
+    built = build_outputs(job_id=8, source=source, prediction=pred, algorithm=ALGORITHM, settings=settings)
+    written = write_outputs(built, tmp_path / "8", settings=settings)  # the gate re-reads every segment's voxels
+    seg_path = written[0].path
+    assert run_dciodvfy(seg_path, dciodvfy)[0] == []
+    back = hd.seg.segread(seg_path)
+    findings = sorted(pred.findings, key=lambda f: f.label)
+    assert [int(s.SegmentNumber) for s in back.SegmentSequence] == [1, 2, 3]
+    assert [s.SegmentLabel for s in back.SegmentSequence] == [f"Anomaly {f.label}" for f in findings]
+    colours = {tuple(s.RecommendedDisplayCIELabValue) for s in back.SegmentSequence}
+    assert len(colours) == 3
+    uids = [s.sop_instance_uid for s in source.slices]
+    for number, finding in enumerate(findings, start=1):
+        vol = back.get_pixels_by_source_instance(uids, segment_numbers=[number], combine_segments=True,
+                                                 assert_missing_frames_are_empty=omit)
+        z0, y0, x0, z1, y1, x1 = finding.bbox_zyx
+        expected = np.zeros_like(pred.mask)
+        expected[z0:z1 + 1, y0:y1 + 1, x0:x1 + 1] = pred.mask[z0:z1 + 1, y0:y1 + 1, x0:x1 + 1]
+        assert int(expected.sum()) == finding.voxel_count
+        np.testing.assert_array_equal(vol > 0, expected)
+    # every frame belongs to one segment and one source image, at that image's position
+    seen = set()
+    for frame in back.PerFrameFunctionalGroupsSequence:
+        number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        src = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        z = uids.index(src)
+        np.testing.assert_allclose([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
+                                   source.slices[z].position, atol=1e-3)
+        seen.add((number, z))
+    if omit:  # only the slices each finding lies on
+        assert seen == {(n, z) for n, f in enumerate(findings, start=1) for z in range(f.bbox_zyx[0], f.bbox_zyx[3] + 1)}
+    else:
+        assert seen == {(n, z) for n in (1, 2, 3) for z in range(source.num_slices)}
+    # the SR group of each finding references its segment and tracks it with the same UID
+    sr = hd.sr.Comprehensive3DSR.from_dataset(built[1].dataset)
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert [int(g.referenced_segment[0].ReferencedSOPSequence[0].ReferencedSegmentNumber) for g in groups] == [1, 2, 3]
+    assert [g.tracking_uid for g in groups] == [s.TrackingUID for s in back.SegmentSequence]
+
+
+def test_findings_that_do_not_match_the_mask_are_refused() -> None:
+    from worker.outputs.regions import label_findings
+
+    source = SourceSeries.from_datasets(SOURCES["ct-single"]())
+    pred = prediction_for(source, [(slice(1, 3), slice(2, 7), slice(3, 9))])
+    (finding,) = pred.findings
+    stray = pred.mask.copy()
+    stray[7, 20, 15] = True  # a voxel outside every finding's box
+    with pytest.raises(ValueError, match="outside every finding"):
+        label_findings(stray, pred.findings)
+    wrong = type(finding)(**{**finding.__dict__, "voxel_count": finding.voxel_count + 1})
+    with pytest.raises(ValueError, match="voxel"):
+        label_findings(pred.mask, [wrong])

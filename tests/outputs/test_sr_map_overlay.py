@@ -10,14 +10,13 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from outgen import (ALGORITHM, OUT_OF_DOMAIN, SOURCES, Prediction, decode_by_reference, prediction_for, run_pixelmed_sr,
-                    synthetic_series)
-from worker.outputs.anomaly_map import PM_SCALE, build_fractional_map, build_parametric_map
+from outgen import ALGORITHM, OUT_OF_DOMAIN, SOURCES, Prediction, decode_by_reference, prediction_for, synthetic_series
+from worker.outputs.anomaly_map import build_fractional_map, build_parametric_map
 from worker.outputs.build import build_outputs, uid_factory, write_outputs
 from worker.outputs.settings import OutputSettings
 from worker.outputs.source import SourceSeries
-from worker.outputs.sr import DOMAIN_WARNING, IN_TRAINING_DOMAIN, PRIVATE_SCHEME
-from worker.outputs.validate import run_dciodvfy
+from worker.outputs.sr import CORNERSTONE_FREEHAND, DOMAIN_WARNING, IN_TRAINING_DOMAIN, PRIVATE_SCHEME, STUDY_SCORE
+from worker.outputs.validate import run_dciodvfy, volumetric_roi_groups
 
 BOXES = [(slice(1, 3), slice(2, 7), slice(3, 9)), (slice(6, 8), slice(15, 20), slice(12, 16))]
 
@@ -41,6 +40,24 @@ def _measurements(group: hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluation
     return out
 
 
+def _report_evaluations(sr: pydicom.Dataset) -> pydicom.Dataset:
+    """The report-level Qualitative Evaluations container (TID 1500 row 12)."""
+    found = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER"
+             and i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    assert len(found) == 1 and found[0].RelationshipType == "CONTAINS"
+    return found[0]
+
+
+def _study_result(sr: pydicom.Dataset) -> tuple[str, str]:
+    """(presence code value, study score text) of the report-level evaluations."""
+    items = _report_evaluations(sr).ContentSequence
+    presence = [i for i in items if i.ValueType == "CODE"
+                and i.ConceptNameCodeSequence[0].CodeValue == codes.SCT.MorphologicallyAbnormalStructure.value]
+    score = [i for i in items if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == STUDY_SCORE.value]
+    assert len(presence) == 1 and len(score) == 1
+    return str(presence[0].ConceptCodeSequence[0].CodeValue), str(score[0].TextValue)
+
+
 @pytest.mark.parametrize("name", ["ct-single", "mr-multiframe"])
 def test_sr_matches_findings(name: str, tmp_path: Path, out_settings: OutputSettings) -> None:
     source = SourceSeries.from_datasets(SOURCES[name]())
@@ -54,6 +71,7 @@ def test_sr_matches_findings(name: str, tmp_path: Path, out_settings: OutputSett
     kinds = {w.kind: w for w in written}
     assert [w.kind for w in written] == ["seg", "sr", "map"]
     seg_uid = kinds["seg"].sop_instance_uid
+    seg = hd.seg.segread(kinds["seg"].path)
     sr = hd.sr.srread(kinds["sr"].path)
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
     assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "COMPLETE"
@@ -61,11 +79,16 @@ def test_sr_matches_findings(name: str, tmp_path: Path, out_settings: OutputSett
 
     groups = sr.content.get_volumetric_roi_measurement_groups()
     assert len(groups) == len(pred.findings)
-    for group, finding in zip(groups, sorted(pred.findings, key=lambda f: f.label)):
+    by_ref = {(s.sop_instance_uid, s.frame_number): z for z, s in enumerate(source.slices)}
+    for number, (group, finding) in enumerate(zip(groups, sorted(pred.findings, key=lambda f: f.label)), start=1):
         ref = group.referenced_segment
         assert ref is not None
         assert ref[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg_uid
-        assert int(ref[0].ReferencedSOPSequence[0].ReferencedSegmentNumber) == 1
+        # the finding's own segment, labelled after it, with the same tracking UID
+        assert int(ref[0].ReferencedSOPSequence[0].ReferencedSegmentNumber) == number
+        segment = seg.SegmentSequence[number - 1]
+        assert segment.SegmentLabel == f"Anomaly {finding.label}" and segment.TrackingID == segment.SegmentLabel
+        assert segment.TrackingUID == group.tracking_uid
         # source images of the finding: exactly the slices it lies on
         z0, z1 = finding.bbox_zyx[0], finding.bbox_zyx[3]
         src_refs = [i.ReferencedSOPSequence[0] for i in ref[1:]]
@@ -76,19 +99,45 @@ def test_sr_matches_findings(name: str, tmp_path: Path, out_settings: OutputSett
             assert {r.ReferencedSOPInstanceUID for r in src_refs} == {source.slices[z].sop_instance_uid for z in range(z0, z1 + 1)}
         m = _measurements(group)
         assert m["Volume"] == pytest.approx(finding.volume_mm3)
-        assert m["Score (attribute)/Maximum"] == pytest.approx(finding.max_score)
-        assert m["Score (attribute)/Mean"] == pytest.approx(finding.mean_score)
-        assert str(group.tracking_identifier) == f"Anomaly {finding.label}"
-        points = [i for i in group[0].ContentSequence if i.ValueType == "SCOORD3D"]
+        assert m["Score/Maximum"] == pytest.approx(finding.max_score)
+        assert m["Score/Mean"] == pytest.approx(finding.mean_score)
+        assert str(group.tracking_identifier) == f"{CORNERSTONE_FREEHAND}:Anomaly {finding.label}"
+        items = list(group[0].ContentSequence)
+        # the centre of mass, in the source frame of reference
+        points = [i for i in items if i.ValueType == "SCOORD3D"]
         assert len(points) == 1 and points[0].ConceptNameCodeSequence[0].CodeValue == codes.DCM.CenterOfMass.value
         np.testing.assert_allclose([float(v) for v in points[0].GraphicData], finding.centroid_patient, atol=1e-4)
         assert points[0].ReferencedFrameOfReferenceUID == source.frame_of_reference_uid
+        # the outline on the key slice: the slice with the finding's largest cross-section
+        region = pred.mask.copy()
+        region[:z0] = False
+        region[z1 + 1:] = False
+        area = region.reshape(region.shape[0], -1).sum(axis=1)
+        outlines = [i for i in items if i.ValueType == "SCOORD"]
+        assert len(outlines) == 1 and outlines[0].GraphicType == "POLYLINE"
+        image = outlines[0].ContentSequence[0].ReferencedSOPSequence[0]
+        frame = int(image.ReferencedFrameNumber) if "ReferencedFrameNumber" in image else None
+        key = by_ref[(image.ReferencedSOPInstanceUID, frame)]
+        assert area[key] == area.max()
+        xy = np.asarray(outlines[0].GraphicData, float).reshape(-1, 2)
+        ys, xs = np.nonzero(region[key])
+        assert (xy[0] == xy[-1]).all()  # closed
+        np.testing.assert_array_equal(xy.min(axis=0), [xs.min(), ys.min()])  # pixel corners around the region
+        np.testing.assert_array_equal(xy.max(axis=0), [xs.max() + 1, ys.max() + 1])
+        # the first NUM is the Area on that slice, inferred from the same outline (what OHIF's adapter reads)
+        nums = [i for i in items if i.ValueType == "NUM"]
+        assert nums[0].ConceptNameCodeSequence[0].CodeMeaning == "Area"
+        assert float(nums[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(float(area[key]))  # 1 mm pixels
+        inferred = [i for i in nums[0].ContentSequence if i.ValueType == "SCOORD"]
+        assert len(inferred) == 1 and inferred[0].RelationshipType == "INFERRED FROM"
+        np.testing.assert_array_equal(np.asarray(inferred[0].GraphicData, float).reshape(-1, 2), xy)
+        assert [i.TextValue for i in items if i.ValueType == "TEXT"
+                and i.ConceptNameCodeSequence[0].CodeValue == "121106"] == [f"Anomaly {finding.label}"]
 
-    # study-level group: score + presence; algorithm identity with checksum and threshold
-    study = sr.content.get_image_measurement_groups()
-    assert len(study) == 1
-    assert float(study[0].get_measurements()[0].value) == pytest.approx(pred.study_score)
-    assert study[0].get_qualitative_evaluations()[0].value == codes.SCT.Present
+    # no measurement group without image coordinates: the study-level result is at report level
+    assert sr.content.get_image_measurement_groups() == []
+    presence, score = _study_result(sr)
+    assert presence == codes.SCT.Present.value and score.startswith(f"{pred.study_score:.4f}")
     texts = _texts(sr)
     assert f"model_sha256={ALGORITHM.checksum}" in texts and "threshold=0.4321" in texts
     assert ALGORITHM.version in texts and ALGORITHM.name in texts
@@ -101,6 +150,22 @@ def test_sr_matches_findings(name: str, tmp_path: Path, out_settings: OutputSett
     assert seg_uid in evidence and source.slices[0].sop_instance_uid in evidence
 
 
+def test_sr_plain_tracking_and_merged_segment(out_settings: OutputSettings) -> None:
+    """``sr_ohif_tracking = false``: plain "Anomaly n" tracking identifiers and
+    no Comment; ``seg_segments = "merged"``: one segment that every group references."""
+    source = SourceSeries.from_datasets(SOURCES["ct-single"]())
+    pred = prediction_for(source, BOXES)
+    settings = out_settings.model_copy(update={"sr_ohif_tracking": False, "seg_segments": "merged"})
+    built = build_outputs(job_id=3, source=source, prediction=pred, algorithm=ALGORITHM, settings=settings)
+    seg, sr = built[0].dataset, built[1].dataset
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Anomaly"]
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    groups = report.content.get_volumetric_roi_measurement_groups()
+    assert [str(g.tracking_identifier) for g in groups] == ["Anomaly 1", "Anomaly 2"]
+    assert [int(g.referenced_segment[0].ReferencedSOPSequence[0].ReferencedSegmentNumber) for g in groups] == [1, 1]
+    assert not [i for g in groups for i in g[0].ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121106"]
+
+
 def test_nothing_found(tmp_path: Path, out_settings: OutputSettings, dciodvfy: str) -> None:
     source = SourceSeries.from_datasets(SOURCES["mr-single"]())
     pred = prediction_for(source, [])
@@ -108,10 +173,13 @@ def test_nothing_found(tmp_path: Path, out_settings: OutputSettings, dciodvfy: s
     written = write_outputs(build_outputs(job_id=2, source=source, prediction=pred, algorithm=ALGORITHM,
                                           settings=settings), tmp_path / "2", settings=settings)
     assert [w.kind for w in written] == ["sr", "map"]  # SEG omitted, no overlay
-    sr = hd.sr.srread(written[0].path)
-    assert sr.content.get_volumetric_roi_measurement_groups() == []
-    ev = sr.content.get_image_measurement_groups()[0].get_qualitative_evaluations()[0]
-    assert ev.name == codes.SCT.MorphologicallyAbnormalStructure and ev.value == codes.SCT.Absent
+    sr = pydicom.dcmread(written[0].path)
+    assert volumetric_roi_groups(sr) == 0
+    # Imaging Measurements is there (OHIF looks it up) but empty; the result is at report level
+    (measurements,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    assert "ContentSequence" not in measurements
+    presence, score = _study_result(sr)
+    assert presence == codes.SCT.Absent.value and score.startswith(f"{pred.study_score:.4f}")
     assert run_dciodvfy(written[0].path, dciodvfy)[0] == []
 
     # seg_when_empty = "empty": an empty SEG with every frame; no map when anomaly_map_when_empty = false
@@ -121,19 +189,11 @@ def test_nothing_found(tmp_path: Path, out_settings: OutputSettings, dciodvfy: s
     assert [w.kind for w in written] == ["seg", "sr"]
     seg = hd.seg.segread(written[0].path)
     assert int(seg.NumberOfFrames) == source.num_slices and not seg.pixel_array.any()
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Anomaly"]
     assert sorted(p.name for p in (tmp_path / "2").iterdir()) == ["seg.dcm", "sr.dcm"]  # stale map.dcm removed
 
 
-def _domain_container(sr: pydicom.Dataset) -> pydicom.Dataset | None:
-    """The document-level Qualitative Evaluations container (TID 1500 row 12), if any."""
-    found = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER"
-             and i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
-    assert len(found) <= 1
-    return found[0] if found else None
-
-
-def test_sr_states_training_domain(tmp_path: Path, out_settings: OutputSettings, dciodvfy: str,
-                                   pixelmed: str) -> None:
+def test_sr_states_training_domain(tmp_path: Path, out_settings: OutputSettings, dciodvfy: str) -> None:
     source = SourceSeries.from_datasets(SOURCES["ct-single"]())
     pred = prediction_for(source, BOXES[:1])
     pred.domain = OUT_OF_DOMAIN
@@ -142,10 +202,11 @@ def test_sr_states_training_domain(tmp_path: Path, out_settings: OutputSettings,
                                           settings=out_settings), tmp_path / "5", settings=out_settings)
     path = next(w.path for w in written if w.kind == "sr")
     sr = hd.sr.srread(path)
-    container = _domain_container(sr)
-    assert container is not None and container.RelationshipType == "CONTAINS"
+    container = _report_evaluations(sr)
     assert container.ConceptNameCodeSequence[0].CodingSchemeDesignator == "UMLS"
-    code, *texts = container.ContentSequence
+    domain = [i for i in container.ContentSequence if i.ConceptNameCodeSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
+              and i.ConceptNameCodeSequence[0].CodeValue != STUDY_SCORE.value]
+    code, *texts = domain
     assert code.ValueType == "CODE" and code.RelationshipType == "CONTAINS"
     name = code.ConceptNameCodeSequence[0]
     assert (name.CodeValue, name.CodingSchemeDesignator, name.CodeMeaning) == (
@@ -158,28 +219,24 @@ def test_sr_states_training_domain(tmp_path: Path, out_settings: OutputSettings,
     assert scheme.CodingSchemeDesignator == PRIVATE_SCHEME and scheme.CodingSchemeName
     # the rest of the report is unchanged
     assert len(sr.content.get_volumetric_roi_measurement_groups()) == 1
-    assert sr.content.get_image_measurement_groups()[0].get_qualitative_evaluations()[0].value == codes.SCT.Present
+    assert _study_result(sr)[0] == codes.SCT.Present.value
 
     errors, warnings = run_dciodvfy(path, dciodvfy)
     assert errors == []
     # dciodvfy only notes that a private scheme is not one of PS3.16's
     assert all("Unrecognized defined term <99PACSNODE>" in w for w in warnings if PRIVATE_SCHEME in w)
-    # PixelMed: nothing it reports concerns the new items (PixelMed 2022 has
-    # its own complaints about the ROI groups, with or without this container)
-    errors, warnings = run_pixelmed_sr(path, pixelmed)
-    assert [x for x in errors + warnings if "C0034375" in x or PRIVATE_SCHEME in x or "Qualitative Evaluations" in x] == []
 
-    # in the domain: Yes, no warning; not checked (older model): no container, no private scheme
-    for domain, value in (({"in_domain": True, "warnings": [], "checks": {}}, codes.SCT.Yes), ({}, None)):
-        pred.domain = domain
+    # in the domain: Yes, no warning; not checked (older model): no training-domain item
+    for value in (codes.SCT.Yes, None):
+        pred.domain = {"in_domain": True, "warnings": [], "checks": {}} if value is not None else {}
         (sr_built,) = [o.dataset for o in build_outputs(job_id=5, source=source, prediction=pred, algorithm=ALGORITHM,
                                                         settings=out_settings) if o.kind == "sr"]
-        container = _domain_container(sr_built)
+        items = [i for i in _report_evaluations(sr_built).ContentSequence
+                 if i.ConceptNameCodeSequence[0].CodeValue in (IN_TRAINING_DOMAIN.value, DOMAIN_WARNING.value)]
         if value is None:
-            assert container is None and "CodingSchemeIdentificationSequence" not in sr_built
+            assert items == []
         else:
-            assert container is not None and len(container.ContentSequence) == 1
-            assert container.ContentSequence[0].ConceptCodeSequence[0].CodeValue == value.value
+            assert len(items) == 1 and items[0].ConceptCodeSequence[0].CodeValue == value.value
 
 
 def test_inconsistent_prediction_rejected(out_settings: OutputSettings) -> None:
@@ -221,7 +278,10 @@ def test_parametric_map(name: str, tmp_path: Path, out_settings: OutputSettings,
     rwvm = back.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     stored = decode_by_reference(back, source)  # frames are in highdicom's order: use their references
     values = stored * float(rwvm.RealWorldValueSlope) + float(rwvm.RealWorldValueIntercept)
-    np.testing.assert_allclose(values, pred.anomaly_map, atol=0.5 / PM_SCALE + 1e-6)
+    np.testing.assert_allclose(values, pred.anomaly_map, atol=1e-7)  # float32: the engine's values
+    assert back.BitsAllocated == 32 and "FloatPixelData" in back and "Laterality" not in back
+    anatomy = back.SharedFunctionalGroupsSequence[0].FrameAnatomySequence[0]
+    assert anatomy.FrameLaterality == "U" and anatomy.AnatomicRegionSequence[0].CodingSchemeDesignator == "SCT"
 
 
 def test_overlay(tmp_path: Path, out_settings: OutputSettings, dciodvfy: str) -> None:

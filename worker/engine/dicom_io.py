@@ -3,8 +3,17 @@
 Single-frame series are sorted by the projection of ImagePositionPatient on
 the slice normal (row × column direction), ties broken by InstanceNumber.
 Enhanced multi-frame objects use the per-frame functional groups. Rescale
-slope/intercept are applied. Mixed orientations, sizes or spacings raise
-:class:`SeriesError`.
+slope/intercept are applied. Mixed orientations, sizes or spacings, and two
+images at one slice position (echoes, phases or b-values stored in one
+series), raise :class:`SeriesError`.
+
+Pixel data is decoded by pydicom with the plugins the project installs
+(pylibjpeg with its libjpeg and openjpeg plugins, pyjpegls): every image
+transfer syntax the node's SCP accepts (uncompressed little and big endian,
+deflate, the JPEG family, JPEG-LS, JPEG 2000, HTJ2K, RLE) decodes here. A
+transfer syntax pydicom cannot decode at all (MPEG/HEVC video, JPEG 2000
+Part 2 multi-component) or whose plugin is missing raises a
+:class:`SeriesError` that names it.
 """
 
 from __future__ import annotations
@@ -72,13 +81,41 @@ def _frame_attr(shared: Any, frame: Any, seq: str) -> Any:
     return item if item is not None else (_seq_item(shared, seq) if shared is not None else None)
 
 
-def _slices_from_dataset(ds: Any) -> list[_Slice]:
+def _transfer_syntax(ds: Any) -> Any:
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    return UID(str(getattr(meta, "TransferSyntaxUID", "") or "1.2.840.10008.1.2"))
+
+
+def _decode(ds: Any, name: str) -> np.ndarray:
+    """``ds.pixel_array``, or a :class:`SeriesError` that names the transfer syntax and the cause."""
+    from pydicom.pixels import get_decoder
+
+    ts = _transfer_syntax(ds)
+    label = f"{ts} ({ts.name})" if ts.name != ts else str(ts)
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:
+        raise SeriesError(
+            f"{name}: pixel data in transfer syntax {label} cannot be decoded (no decoder exists for it: "
+            "video or multi-component compression is not an image series that can be analysed)"
+        ) from None
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
+        raise SeriesError(f"{name}: no decoder installed for transfer syntax {label} ({missing})")
+    try:
+        return np.asarray(ds.pixel_array)
+    except Exception as exc:  # noqa: BLE001 - corrupt or truncated data, unsupported parameters ...
+        raise SeriesError(
+            f"{name}: cannot decode pixel data in transfer syntax {label} ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def _slices_from_dataset(ds: Any, name: str = "instance") -> list[_Slice]:
     nframes = int(getattr(ds, "NumberOfFrames", 1) or 1)
     uid = str(ds.SOPInstanceUID)
-    try:
-        pix = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - decoder missing, corrupt data ...
-        raise SeriesError(f"cannot decode pixel data ({type(exc).__name__}: {exc})") from None
+    pix = _decode(ds, name)
     if "PerFrameFunctionalGroupsSequence" in ds:
         shared = _seq_item(ds, "SharedFunctionalGroupsSequence")
         frames = ds.PerFrameFunctionalGroupsSequence
@@ -162,7 +199,7 @@ def _load_series(paths: list[Path], *, keep_headers: bool) -> tuple[Volume, list
             raise SeriesError(f"{Path(p).name} has no pixel data")
         series_uids.add(str(getattr(ds, "SeriesInstanceUID", "")))
         modalities.add(str(getattr(ds, "Modality", "OT")))
-        slices.extend(_slices_from_dataset(ds))
+        slices.extend(_slices_from_dataset(ds, Path(p).name))
         if keep_headers:
             del ds.PixelData  # also drops pydicom's cached pixel array
             headers.append(ds)
@@ -185,6 +222,14 @@ def _load_series(paths: list[Path], *, keep_headers: bool) -> tuple[Volume, list
     slices = [slices[i] for i in order]
     dist = dist[order]
     steps = np.diff(dist)
+    duplicates = int(np.count_nonzero(steps <= _TOL))
+    if duplicates:
+        uid = next(iter(series_uids))
+        raise SeriesError(
+            f"series {uid} has {len(slices)} images at {len(slices) - duplicates} slice positions: "
+            "several images share a position (echoes, phases, b-values or repeated acquisitions "
+            "stored in one series), so it is not one volume; send or route one image per position"
+        )
     steps = steps[steps > _TOL]
     if len(steps):
         dz = float(np.median(steps))
@@ -193,8 +238,6 @@ def _load_series(paths: list[Path], *, keep_headers: bool) -> tuple[Volume, list
                         steps.min(), steps.max(), dz)
     else:
         dz = first.thickness or 1.0
-    if len(steps) != len(slices) - 1:
-        log.warning("series has slices at duplicate positions")
     direction = np.stack([first.row, first.col, normal], axis=1)
     arr = np.stack([s.pixels for s in slices]).astype(np.float32)
     vol = Volume(

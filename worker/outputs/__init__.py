@@ -1,7 +1,9 @@
-"""Results a radiologist can open: DICOM SEG, a continuous anomaly map
-(FRACTIONAL SEG or Parametric Map), a TID 1500 Comprehensive 3D SR and an
-optional secondary-capture overlay series, all built with highdicom, written
-to disk and validated (re-read + ``dciodvfy``) before delivery.
+"""Results a radiologist can open: DICOM SEG (one segment per finding), a
+continuous anomaly map (Parametric Map or FRACTIONAL SEG), a TID 1500
+Comprehensive 3D SR and an optional secondary-capture overlay series, all
+built with highdicom, written to disk and validated (re-read + ``dciodvfy``,
+errors inherited from the source told apart from the node's own) before
+delivery.
 
 Entry points::
 

@@ -1,23 +1,29 @@
-"""The continuous anomaly map, as a FRACTIONAL SEG or a Parametric Map.
+"""The continuous anomaly map, as a Parametric Map or a FRACTIONAL SEG.
 
 The engine's map is a float in 0..1 where 0.5 is the calibrated threshold
 (``map >= 0.5`` ⇔ raw score ≥ threshold).
 
+* ``parametric`` (default): a Parametric Map of the 0..1 score in 32-bit
+  floats (Float Pixel Data, identity Real World Value Mapping, unit "no
+  units", Frame Anatomy). OHIF (``@cornerstonejs/adapters``' ParametricMap,
+  shown as a fused colour map) and 3D Slicer (dcmqi's ``paramap2itkimage``)
+  load it. 4 bytes per voxel.
 * ``fractional``: a FRACTIONAL SEG (type PROBABILITY, 8 bits, maximum 255),
-  one segment "Anomaly score". Viewers that show SEGs (OHIF, 3D Slicer) show
-  it as a heat map. The values are a calibrated anomaly score, not a
+  one segment "Anomaly score". 3D Slicer shows it as a heat map; OHIF's
+  adapters refuse FRACTIONAL SEGs ("Fractional segmentations are not yet
+  supported"). The values are a calibrated anomaly score, not a
   probability in the statistical sense; the segment label says so.
-* ``parametric``: a Parametric Map with 16-bit unsigned integers and a Real
-  World Value Mapping (slope 1/10000) back to the 0..1 score, unit "no units".
 
 Both keep one frame per source slice and reference the source images frame by
-frame, like the binary SEG.
+frame, like the binary SEG. Neither carries General Series Laterality (see
+:func:`build_parametric_map` and ``worker.outputs.seg``).
 """
 
 from __future__ import annotations
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -28,10 +34,8 @@ from .source import SourceSeries
 from .types import AlgorithmInfo
 from .uids import UIDFactory
 
-__all__ = ["PM_SCALE", "build_anomaly_map", "build_fractional_map", "build_parametric_map"]
+__all__ = ["build_anomaly_map", "build_fractional_map", "build_parametric_map", "frame_anatomy"]
 
-#: Stored value = round(score * PM_SCALE) in the Parametric Map.
-PM_SCALE = 10000
 _UNITLESS = hd.sr.CodedConcept("1", "UCUM", "no units")
 
 
@@ -61,7 +65,7 @@ def build_fractional_map(
         tracking_uid=uids.tracking("map"),
         tracking_id="Anomaly score",
     )
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=source.datasets,
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
@@ -83,6 +87,35 @@ def build_fractional_map(
         series_description=settings.map_series_description,
         institution_name=settings.institution_name or None,
     )
+    return seg  # no Laterality: see worker.outputs.seg
+
+
+def frame_anatomy(source: SourceSeries) -> Dataset:
+    """Frame Anatomy functional group item (Mandatory in the Parametric Map IOD).
+
+    Anatomic region: the source's Anatomic Region Sequence, else its Body
+    Part Examined through highdicom's table of the standard's pairings, else
+    SCT 38266002 "Entire body". Frame Laterality: the source's R/L/B, else U.
+    dcmqi (3D Slicer) does not read a Parametric Map without it.
+    """
+    from highdicom._standard_utils import get_anatomic_region_map  # pinned highdicom (<0.29)
+
+    first = source.first
+    item = Dataset()
+    region: Dataset | None = None
+    if first.get("AnatomicRegionSequence"):
+        region = first.AnatomicRegionSequence[0]
+    else:
+        known = get_anatomic_region_map().get(str(first.get("BodyPartExamined", "") or "").upper())
+        concept = known[0] if known else hd.sr.CodedConcept("38266002", "SCT", "Entire body")
+        region = Dataset()
+        region.CodeValue = concept.value
+        region.CodingSchemeDesignator = concept.scheme_designator
+        region.CodeMeaning = concept.meaning
+    item.AnatomicRegionSequence = [region]
+    side = str(first.get("Laterality", "") or first.get("ImageLaterality", "") or "")
+    item.FrameLaterality = side if side in ("R", "L", "B") else "U"
+    return item
 
 
 def build_parametric_map(
@@ -93,21 +126,28 @@ def build_parametric_map(
     uids: UIDFactory,
     settings: OutputSettings,
 ) -> hd.pm.ParametricMap:
-    """Parametric Map (uint16, Real World Value Mapping to the 0..1 score)."""
+    """Parametric Map of the 0..1 score as 32-bit floats (identity Real World Value Mapping).
+
+    Float pixel data and a Frame Anatomy functional group are what dcmqi's
+    ``paramap2itkimage`` (3D Slicer) needs; Cornerstone3D's ParametricMap
+    adapter (OHIF) reads 16/32-bit integers and floats alike. With Frame
+    Laterality present, General Series Laterality is left out (dciodvfy: its
+    condition is then unsatisfied).
+    """
     source.check_shape(anomaly_map, "anomaly map")
-    stored = np.rint(source.to_source_order(_unit_map(anomaly_map)) * PM_SCALE).astype(np.uint16)
+    values = source.to_source_order(_unit_map(anomaly_map)).astype(np.float32)
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="ANOMALY",
         lut_explanation="Anomaly score (0.5 = calibrated threshold)",
         unit=_UNITLESS,
-        value_range=(0, PM_SCALE),
-        slope=1.0 / PM_SCALE,
+        value_range=(0.0, 1.0),
+        slope=1.0,
         intercept=0.0,
         quantity_definition=codes.SCT.Score,
     )
     pm = hd.pm.ParametricMap(
         source_images=source.datasets,
-        pixel_array=stored,
+        pixel_array=values,
         series_instance_uid=uids.series("map:parametric"),
         series_number=settings.map_series_number,
         sop_instance_uid=uids.instance("map:parametric"),
@@ -118,17 +158,43 @@ def build_parametric_map(
         device_serial_number=settings.device_serial_number,
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
-        voi_lut_transformations=[hd.VOILUTTransformation(window_center=PM_SCALE / 2, window_width=PM_SCALE)],
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
         transfer_syntax_uid=ExplicitVRLittleEndian,
         content_label="ANOMALYMAP",
         content_description=f"AI anomaly score 0..1 (0.5 = threshold) - {NOT_FOR_CLINICAL_USE}"[:64],
         series_description=settings.map_series_description,
         institution_name=settings.institution_name or None,
     )
-    # General Series Laterality is Type 2C; dciodvfy requires it on a
-    # Parametric Map without frame laterality: copy the source's (or empty).
-    pm.Laterality = source.first.get("Laterality", "")
+    pm.ContentCreatorName = ""  # Type 2 of the Content Identification macro (dcmqi warns without it)
+    pm.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [frame_anatomy(source)]
+    _store_along_slice_normal(pm)
     return pm
+
+
+def _store_along_slice_normal(pm: Dataset) -> None:
+    """Store the frames in increasing position along row × column direction (in place).
+
+    highdicom stores them in the opposite order (its volume index convention).
+    The frame order of an enhanced object is free, but both Cornerstone3D's
+    ParametricMap adapter (OHIF: the pixel data as stored, put into the source
+    volume's slice order) and dcmqi's ``paramap2itkimage`` (frame ``k`` at
+    slice ``k`` from the lowest position) take the stored order as the volume
+    order; each frame keeps its functional groups, so the object stays the same.
+    """
+    frames = pm.PerFrameFunctionalGroupsSequence
+    if len(frames) < 2:
+        return
+    shared = pm.SharedFunctionalGroupsSequence[0]
+    orient = (shared.get("PlaneOrientationSequence") or frames[0].PlaneOrientationSequence)[0]
+    iop = np.asarray([float(v) for v in orient.ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    along = [float(np.dot([float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient], normal)) for f in frames]
+    order = np.argsort(along, kind="stable")
+    if (order == np.arange(len(frames))).all():
+        return
+    pixels = np.frombuffer(pm.FloatPixelData, dtype="<f4").reshape(len(frames), -1)
+    pm.FloatPixelData = pixels[order].tobytes()
+    pm.PerFrameFunctionalGroupsSequence = [frames[int(k)] for k in order]
 
 
 def build_anomaly_map(

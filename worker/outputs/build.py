@@ -36,18 +36,30 @@ from pacs_node.db.models import Output
 
 from .anomaly_map import build_anomaly_map
 from .overlay import build_overlay
+from .regions import finding_regions, label_findings
 from .seg import build_seg
 from .settings import OutputSettings
 from .source import SourceSeries
 from .sr import build_sr
 from .types import AlgorithmInfo, BuiltOutput, PredictionLike, PredictorLike
 from .uids import UIDFactory
-from .validate import ValidationReport, validate_file
+from .gate import SourceCheck, check_source, flagged_keywords
+from .validate import ValidationReport, find_dciodvfy, validate_file
 
 if TYPE_CHECKING:
     from pacs_node.config import Settings
 
-__all__ = ["WrittenOutput", "build_job_outputs", "build_outputs", "produce_outputs", "save_output_rows", "uid_factory", "write_outputs"]
+__all__ = [
+    "JobOutputs",
+    "WrittenOutput",
+    "build_job_outputs",
+    "build_outputs",
+    "check_and_fix_source",
+    "produce_outputs",
+    "save_output_rows",
+    "uid_factory",
+    "write_outputs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +103,65 @@ class WrittenOutput:
     def validation(self) -> str:
         """JSON summary for ``outputs.validation``."""
         return self.report.to_json()
+
+
+class JobOutputs(list[WrittenOutput]):
+    """The written outputs of a job, with what the gate found in the source.
+
+    Attributes
+    ----------
+    source_check:
+        dciodvfy's verdict on one source instance (``None`` when dciodvfy
+        did not run).
+    header_fixes:
+        What was changed in the copy of the source header the outputs were
+        built from (:mod:`worker.outputs.headers`).
+    """
+
+    def __init__(self, written: Sequence[WrittenOutput], source_check: SourceCheck | None = None,
+                 header_fixes: Sequence[Any] = ()) -> None:
+        super().__init__(written)
+        self.source_check = source_check
+        self.header_fixes = list(header_fixes)
+
+    def validation(self) -> dict[str, Any]:
+        """The job's validation record (``jobs.findings["validation"]``), without patient data.
+
+        ``source``: dciodvfy's errors on the checked source instance;
+        ``fixes``: each repaired attribute (name, Type, action, rule);
+        ``inherited``: per output kind, the source errors it still carries.
+        """
+        inherited: dict[str, list[str]] = {}
+        for w in self:
+            lines = w.report.to_dict()["inherited"]
+            if lines:
+                inherited.setdefault(w.kind, [])
+                inherited[w.kind] += [x for x in lines if x not in inherited[w.kind]]
+        return {
+            "source": self.source_check.to_dict() if self.source_check is not None else {"dciodvfy": "not run"},
+            "fixes": [f.to_dict() for f in self.header_fixes],
+            "inherited": inherited,
+        }
+
+
+def check_and_fix_source(source: SourceSeries, settings: OutputSettings) -> SourceCheck | None:
+    """Check one source instance with dciodvfy (once per series) and repair what it flags.
+
+    Attributes that dciodvfy rejects although the node's own value checks
+    accept them are repaired too (``source_header_fixes = "fix"``). Returns
+    ``None`` when dciodvfy is off or not installed.
+    """
+    if not settings.dciodvfy:
+        return None
+    exe = find_dciodvfy(settings.dciodvfy_path)
+    if exe is None:
+        return None
+    check = check_source(source, exe, settings.dciodvfy_timeout)
+    if check.errors:
+        source.fix_flagged(flagged_keywords(check))
+        log.info("source series: dciodvfy reports %d error(s) on one instance; %d header value(s) repaired",
+                 len(check.errors), len([f for f in source.header_fixes if f.action != "kept"]))
+    return check
 
 
 def uid_factory(job_id: int, source: SourceSeries, algorithm: AlgorithmInfo, settings: OutputSettings) -> UIDFactory:
@@ -140,7 +211,8 @@ def build_outputs(
     SourceError
         Arrays not shaped like the source series.
     ValueError
-        Findings without mask voxels or mask voxels without findings.
+        Findings without mask voxels, mask voxels without findings, or
+        findings that do not match the mask's regions.
     """
     mask = np.asarray(prediction.mask, dtype=bool)
     source.check_shape(mask, "mask")
@@ -150,16 +222,21 @@ def build_outputs(
         raise ValueError(
             f"inconsistent prediction: {len(findings)} finding(s) but {int(mask.sum())} mask voxel(s)"
         )
+    labels, ordered = label_findings(mask, findings)
+    regions = finding_regions(labels, ordered)
+    per_finding = settings.seg_segments == "per_finding" and bool(ordered)
     uids = uid_factory(job_id, source, algorithm, settings)
     out: list[BuiltOutput] = []
     seg: Dataset | None = None
     if found or settings.seg_when_empty == "empty":
-        seg = build_seg(source, mask, algorithm=algorithm, uids=uids, settings=settings)
-        out.append(BuiltOutput("seg", seg, "seg.dcm", {"mask_sum": int(mask.sum()), "frames": int(seg.NumberOfFrames)}))
+        seg = build_seg(source, mask, algorithm=algorithm, uids=uids, settings=settings,
+                        findings=ordered, labels=labels)
+        sums = [int(r.finding.voxel_count) for r in regions] if per_finding else [int(mask.sum())]
+        out.append(BuiltOutput("seg", seg, "seg.dcm", {"mask_sum": int(mask.sum()), "frames": int(seg.NumberOfFrames),
+                                                       "segment_sums": sums}))
     sr = build_sr(
         source,
-        mask=mask,
-        findings=findings,
+        regions=regions,
         study_score=float(prediction.study_score),
         seg=seg,
         algorithm=algorithm,
@@ -167,6 +244,7 @@ def build_outputs(
         settings=settings,
         # Engines before the training-domain check have no ``domain``.
         domain=getattr(prediction, "domain", None) or None,
+        segment_of=None if per_finding else {r.label: 1 for r in regions},
     )
     out.append(BuiltOutput("sr", sr, "sr.dcm", {"findings": len(findings)}))
     if settings.anomaly_map != "none" and (found or settings.anomaly_map_when_empty):
@@ -188,9 +266,17 @@ def _sha256(path: Path) -> str:
 
 
 def write_outputs(
-    outputs: list[BuiltOutput], directory: str | Path, *, settings: OutputSettings, validate: bool = True
+    outputs: list[BuiltOutput],
+    directory: str | Path,
+    *,
+    settings: OutputSettings,
+    validate: bool = True,
+    source_check: SourceCheck | None = None,
 ) -> list[WrittenOutput]:
     """Write each output to ``directory/<filename>`` (atomically) and validate it.
+
+    ``source_check`` (:func:`check_and_fix_source`) lets the gate tell the
+    errors the outputs inherited from the source from those the node made.
 
     ``.dcm`` files in ``directory`` from an earlier build that this build did
     not produce are removed, so the directory always holds exactly the
@@ -217,6 +303,7 @@ def write_outputs(
             dciodvfy_path=settings.dciodvfy_path,
             require_dciodvfy=settings.require_dciodvfy,
             timeout=settings.dciodvfy_timeout,
+            source_check=source_check,
         )
 
     # Each file is validated (re-read + dciodvfy, a subprocess) in a thread
@@ -245,9 +332,11 @@ def produce_outputs(
     settings: OutputSettings,
     outputs_root: str | Path,
 ) -> list[WrittenOutput]:
-    """:func:`build_outputs` + :func:`write_outputs` into ``outputs_root/<job_id>/``."""
+    """:func:`check_and_fix_source` + :func:`build_outputs` + :func:`write_outputs` into ``outputs_root/<job_id>/``."""
+    check = check_and_fix_source(source, settings)
     built = build_outputs(job_id=job_id, source=source, prediction=prediction, algorithm=algorithm, settings=settings)
-    return write_outputs(built, Path(outputs_root) / str(int(job_id)), settings=settings)
+    written = write_outputs(built, Path(outputs_root) / str(int(job_id)), settings=settings, source_check=check)
+    return JobOutputs(written, check, source.header_fixes)
 
 
 def build_job_outputs(
@@ -285,22 +374,33 @@ def build_job_outputs(
         (``load_series_headers``), one per path in ``source_paths`` order;
         default: read them from the files.
 
+    Returns
+    -------
+    JobOutputs
+        The written outputs; :meth:`JobOutputs.validation` is the job's
+        validation record.
+
     Raises
     ------
     OutputValidationError
         An output failed the validation gate.
+    SourceError
+        The source files cannot be used to build outputs.
     """
     out_settings = OutputSettings.model_validate(settings.outputs or {})
+    repair = out_settings.source_header_fixes == "fix"
     if source_headers is None:
-        source = SourceSeries.from_files(source_paths, order=order)
+        source = SourceSeries.from_files(source_paths, order=order, repair_headers=repair)
     else:
         if len(source_headers) != len(source_paths):
             raise ValueError(f"{len(source_headers)} header(s) for {len(source_paths)} source file(s)")
         files = {str(ds.get("SOPInstanceUID", "")): Path(p) for ds, p in zip(source_headers, source_paths)}
-        source = SourceSeries.from_datasets(source_headers, order=order, files=files)
+        source = SourceSeries.from_datasets(source_headers, order=order, files=files, repair_headers=repair)
+    check = check_and_fix_source(source, out_settings)
     algorithm = AlgorithmInfo.from_predictor(predictor, threshold=float(prediction.threshold))
     built = build_outputs(job_id=job_id, source=source, prediction=prediction, algorithm=algorithm, settings=out_settings)
-    return write_outputs(built, out_dir, settings=out_settings)
+    written = write_outputs(built, out_dir, settings=out_settings, source_check=check)
+    return JobOutputs(written, check, source.header_fixes)
 
 
 def save_output_rows(session: Session, job_id: int, written: list[WrittenOutput], outputs_root: str | Path) -> list[Output]:

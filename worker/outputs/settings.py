@@ -43,20 +43,30 @@ class OutputSettings(BaseModel):
     #: is found (the SR references it). When nothing is found: "omit" = no SEG (the SR states the absence),
     #: "empty" = a SEG with one empty segment.
     seg_when_empty: Literal["omit", "empty"] = "omit"
+    #: "per_finding": one segment per finding ("Anomaly 1..n", referenced by
+    #: the SR group of the same finding); "merged": one segment "Anomaly".
+    seg_segments: Literal["per_finding", "merged"] = "per_finding"
     #: Leave out frames without any segmented pixel. The default (false) keeps
     #: one frame per source slice, the layout every viewer places correctly.
     seg_omit_empty_frames: bool = False
     seg_series_number: int = Field(default=9901, ge=1, le=2**31 - 1)
     seg_series_description: str = "AI anomaly SEG (NOT FOR CLINICAL USE)"
 
-    #: Continuous anomaly map: FRACTIONAL SEG, Parametric Map, or none.
-    anomaly_map: Literal["fractional", "parametric", "none"] = "fractional"
+    #: Continuous anomaly map: "parametric" (Parametric Map: OHIF and
+    #: 3D Slicer load it), "fractional" (FRACTIONAL SEG: 3D Slicer only;
+    #: OHIF's adapters refuse it), or "none".
+    anomaly_map: Literal["fractional", "parametric", "none"] = "parametric"
     #: Produce the map also when nothing was found.
     anomaly_map_when_empty: bool = True
     map_series_number: int = Field(default=9902, ge=1, le=2**31 - 1)
     map_series_description: str = "AI anomaly map (NOT FOR CLINICAL USE)"
 
     sr_series_number: int = Field(default=9903, ge=1, le=2**31 - 1)
+    #: Tag each finding's SR Tracking Identifier the way Cornerstone3D does
+    #: ("Cornerstone3DTools@^0.1.0:PlanarFreehandROI:Anomaly n"), so OHIF
+    #: loads the findings as measurements; false: plain "Anomaly n" (OHIF
+    #: then shows the report read-only).
+    sr_ohif_tracking: bool = True
     sr_series_description: str = "AI anomaly report (NOT FOR CLINICAL USE)"
 
     #: Secondary-capture RGB images of the slices with findings, outlined.
@@ -69,7 +79,16 @@ class OutputSettings(BaseModel):
     overlay_color: tuple[int, int, int] = (255, 0, 0)
 
     #: Check every output with dciodvfy (dicom3tools) when it is installed.
+    #: Only errors the node introduces fail a job: one source instance is
+    #: checked too, and an output error the source has as well is recorded
+    #: as inherited (``outputs.validation``, the job's findings).
     dciodvfy: bool = True
+    #: Invalid values the outputs copy from the source (patient and study
+    #: attributes): "fix" = drop an invalid Type 3 attribute, empty an
+    #: invalid Type 2 one (each change is recorded); "keep" = copy as is,
+    #: except values highdicom refuses to build from (Patient's Sex, Patient's
+    #: Birth Date, Study Date and Time), which are emptied either way.
+    source_header_fixes: Literal["fix", "keep"] = "fix"
     #: Path of dciodvfy; "" = look in /usr/bin and on PATH.
     dciodvfy_path: str = ""
     #: Fail (instead of warn) when dciodvfy is not installed.

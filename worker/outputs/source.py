@@ -28,22 +28,9 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from .headers import HeaderFix, fix_headers
+
 __all__ = ["SliceRef", "SourceError", "SourceSeries"]
-
-# Type 2 attributes highdicom copies from the source with attribute access;
-# a source without them gets empty values (on a copy) instead of an error.
-_TYPE2_DEFAULTS = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-)
-
 
 class SourceError(ValueError):
     """The source datasets cannot be used to build outputs."""
@@ -108,22 +95,6 @@ def _frame_geometry(ds: Dataset, frame_index: int) -> tuple[np.ndarray, np.ndarr
     )
 
 
-def _normalized(ds: Dataset) -> Dataset:
-    """A copy sharing ``ds``'s elements, with missing Type 2 attributes added empty."""
-    missing = [k for k in _TYPE2_DEFAULTS if k not in ds]
-    if not missing:
-        return ds
-    out = Dataset({elem.tag: elem for elem in ds})
-    if hasattr(ds, "file_meta"):
-        out.file_meta = ds.file_meta
-    implicit, little = ds.original_encoding
-    if implicit is not None and little is not None:
-        out.set_original_encoding(implicit, little, ds.original_character_set)
-    for key in missing:
-        setattr(out, key, "")
-    return out
-
-
 class SourceSeries:
     """Source images of a result, with one :class:`SliceRef` per ``z`` index.
 
@@ -141,10 +112,18 @@ class SourceSeries:
         self.columns = int(first.Columns)
         self._files: dict[str, Path] = {}
         self._pixel_cache: tuple[str, np.ndarray] | None = None
+        #: What :func:`~worker.outputs.headers.fix_headers` changed in the
+        #: copies the outputs are built from (the source is never changed).
+        self.header_fixes: list[HeaderFix] = []
+        #: The data sets as received, by SOP Instance UID.
+        self.originals: dict[str, Dataset] = {}
+        self._repair = True
 
     # ------------------------------------------------------------------ build
     @classmethod
-    def from_files(cls, paths: Iterable[str | Path], order: Sequence[_RefLike] | None = None) -> "SourceSeries":
+    def from_files(
+        cls, paths: Iterable[str | Path], order: Sequence[_RefLike] | None = None, *, repair_headers: bool = True
+    ) -> "SourceSeries":
         """Read the files' headers and sort them; see :meth:`from_datasets`.
 
         Pixel data is not kept in memory (SEG, map and SR need only the
@@ -160,7 +139,7 @@ class SourceSeries:
                 raise SourceError(f"cannot read {Path(p).name}: {type(exc).__name__}") from None
             datasets.append(ds)
             files[str(ds.get("SOPInstanceUID", ""))] = Path(p)
-        return cls.from_datasets(datasets, order, files=files)
+        return cls.from_datasets(datasets, order, files=files, repair_headers=repair_headers)
 
     @classmethod
     def from_datasets(
@@ -169,6 +148,7 @@ class SourceSeries:
         order: Sequence[_RefLike] | None = None,
         *,
         files: Mapping[str, Path] | None = None,
+        repair_headers: bool = True,
     ) -> "SourceSeries":
         """Sort the source images into volume slice order.
 
@@ -186,12 +166,18 @@ class SourceSeries:
         files:
             SOP Instance UID -> file, for data sets read without their Pixel
             Data (:meth:`slice_pixels` reads the pixels from there).
+        repair_headers:
+            Repair invalid patient/study values in the copies the outputs are
+            built from (:func:`~worker.outputs.headers.fix_headers`); False:
+            only add missing Type 2 attributes. Either way the changes are in
+            :attr:`header_fixes`.
 
         Raises
         ------
         SourceError
             Mixed series or sizes, missing geometry, more than one multi-frame
-            object, or ``order`` naming unknown instances/frames.
+            object, two images at one position, or ``order`` naming unknown
+            instances/frames.
         """
         if not datasets:
             raise SourceError("no source images")
@@ -204,7 +190,8 @@ class SourceSeries:
         multi = ["PerFrameFunctionalGroupsSequence" in ds for ds in datasets]
         if any(multi) and len(datasets) != 1:
             raise SourceError("a multi-frame source must be exactly one enhanced multi-frame instance")
-        datasets = [_normalized(ds) for ds in datasets]
+        originals = {str(ds.get("SOPInstanceUID", "")): ds for ds in datasets}
+        datasets, header_fixes = fix_headers(datasets, repair=repair_headers)
 
         # Every candidate slice: (dataset index, frame number, position, orientation, instance number)
         cands: list[tuple[int, int | None, np.ndarray, np.ndarray, int]] = []
@@ -246,6 +233,14 @@ class SourceSeries:
                 raise SourceError("degenerate ImageOrientationPatient")
             normal /= np.linalg.norm(normal)
             ordered = sorted(cands, key=lambda c: (round(float(c[2] @ normal), 4), c[4]))
+        # Two images at one position are not one volume (highdicom would fail
+        # with "Plane positions must not contain duplicates").
+        positions = {tuple(np.round(c[2], 3)) for c in ordered}
+        if len(positions) != len(ordered):
+            raise SourceError(
+                f"series {series.pop()} has {len(ordered)} images at {len(positions)} slice positions: "
+                "several images share a position (echoes, phases or b-values in one series)"
+            )
 
         if not multi[0]:
             # Keep single-frame datasets in z order (highdicom pairs frame i with source_images[i]).
@@ -263,7 +258,29 @@ class SourceSeries:
         ]
         result = cls(datasets, slices)
         result._files = dict(files or {})
+        result.header_fixes = header_fixes
+        result.originals = originals
+        result._repair = repair_headers
         return result
+
+    def fix_flagged(self, keywords: Iterable[str]) -> list[HeaderFix]:
+        """Also repair attributes an external check (dciodvfy) found invalid.
+
+        Returns
+        -------
+        list[HeaderFix]
+            The fixes added (also appended to :attr:`header_fixes`).
+        """
+        fixed, fixes = fix_headers(self.datasets, flagged=keywords, repair=self._repair)
+        known = {(f.keyword, f.action) for f in self.header_fixes}
+        new = [f for f in fixes if (f.keyword, f.action) not in known]
+        self.datasets = fixed
+        self.header_fixes = sorted([*self.header_fixes, *new], key=lambda f: (f.tag, f.action))
+        return new
+
+    def source_file(self, z: int = 0) -> Path | None:
+        """The file of slice ``z``'s instance as received, when known."""
+        return self._files.get(self.slices[z].sop_instance_uid)
 
     # ------------------------------------------------------------- properties
     @property

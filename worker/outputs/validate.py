@@ -10,9 +10,12 @@ An output passes when
    Instance UIDs it was built with and the expected content (the decoded mask
    has as many set pixels as the engine's mask, the SR has one ROI group per
    finding, ...);
-2. ``dciodvfy`` (dicom3tools), when installed, reports no line starting with
-   ``Error``. Its warnings are kept in :attr:`ValidationReport.warnings` and
-   stored in ``outputs.validation``.
+2. ``dciodvfy`` (dicom3tools), when installed, reports no ``Error`` line
+   that the node introduced. An error the checked source instance has too
+   (:mod:`worker.outputs.gate`) is inherited: kept in
+   :attr:`ValidationReport.inherited`, not a failure. Warnings are kept in
+   :attr:`ValidationReport.warnings`; all are stored in
+   ``outputs.validation`` without the values dciodvfy quotes.
 
 Anything else raises :class:`OutputValidationError`, naming the output and the
 reasons; such an output is never delivered.
@@ -34,6 +37,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from .gate import SourceCheck, classify, redact
 from .types import BuiltOutput
 
 __all__ = [
@@ -62,7 +66,7 @@ class OutputValidationError(RuntimeError):
     def __init__(self, kind: str, filename: str, reasons: list[str]) -> None:
         self.kind = kind
         self.filename = filename
-        self.reasons = list(reasons)
+        self.reasons = [redact(r) for r in reasons]
         shown = "; ".join(self.reasons[:5]) + (f" (+{len(self.reasons) - 5} more)" if len(self.reasons) > 5 else "")
         super().__init__(f"{kind} output {filename} failed validation: {shown}")
 
@@ -77,6 +81,8 @@ class ValidationReport:
     dciodvfy: str | None = None
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: dciodvfy errors the source instance has too (not the node's doing).
+    inherited: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -86,8 +92,9 @@ class ValidationReport:
         return {
             "reread": self.reread,
             "dciodvfy": self.dciodvfy or "not available",
-            "errors": self.errors,
-            "warnings": self.warnings,
+            "errors": [redact(e) for e in self.errors],
+            "inherited": [redact(e) for e in self.inherited],
+            "warnings": [redact(w) for w in self.warnings],
         }
 
     def to_json(self) -> str:
@@ -165,8 +172,10 @@ def _reread(path: Path, built: BuiltOutput) -> list[str]:
     exp = built.expected
     if built.kind == "seg" or (built.kind == "map" and ds.Modality == "SEG"):
         seg = hd.seg.Segmentation.from_dataset(ds, copy=False)  # the data set read above, not the file again
-        if [int(s.SegmentNumber) for s in seg.SegmentSequence] != [1]:
-            problems.append("SEG must have exactly segment 1")
+        numbers = [int(s.SegmentNumber) for s in seg.SegmentSequence]
+        sums = list(exp.get("segment_sums") or [None])
+        if numbers != list(range(1, len(sums) + 1)):
+            problems.append(f"SEG has segments {numbers}, expected 1..{len(sums)}")
         pixels = seg.pixel_array
         if pixels.ndim == 2:
             pixels = pixels[None]
@@ -174,6 +183,15 @@ def _reread(path: Path, built: BuiltOutput) -> list[str]:
             problems.append(f"SEG has {pixels.shape[0]} frames, expected {exp['frames']}")
         if "mask_sum" in exp and int(np.count_nonzero(pixels)) != exp["mask_sum"]:
             problems.append(f"SEG decodes to {int(np.count_nonzero(pixels))} set pixels, expected {exp['mask_sum']}")
+        if len(sums) > 1 or (sums and sums[0] is not None and "mask_sum" not in exp):
+            # each frame holds one segment (Segment Identification of its functional group)
+            got = [0] * len(sums)
+            for k, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+                number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+                if 1 <= number <= len(got):
+                    got[number - 1] += int(np.count_nonzero(pixels[k]))
+            if got != sums:
+                problems.append(f"SEG segments decode to {got} set pixels, expected {sums}")
     elif built.kind == "map":
         pm = hd.pm.ParametricMap.from_dataset(ds)
         pixels = pm.pixel_array
@@ -200,13 +218,24 @@ def validate_file(
     dciodvfy_path: str = "",
     require_dciodvfy: bool = False,
     timeout: float = 60.0,
+    source_check: SourceCheck | None = None,
 ) -> ValidationReport:
     """Validate one written output.
+
+    Parameters
+    ----------
+    path, built:
+        The written file and what it was built as.
+    use_dciodvfy, dciodvfy_path, require_dciodvfy, timeout:
+        Whether and how dciodvfy runs.
+    source_check:
+        dciodvfy's verdict on a source instance: output errors it has too
+        are inherited, not failures. ``None``: every error fails.
 
     Returns
     -------
     ValidationReport
-        With dciodvfy's warnings.
+        With dciodvfy's warnings and the inherited errors.
 
     Raises
     ------
@@ -233,7 +262,9 @@ def validate_file(
         else:
             report.dciodvfy = exe
             errors, warnings = run_dciodvfy(path, exe, timeout)
-            report.errors.extend(f"dciodvfy: {e}" for e in errors)
+            introduced, inherited = classify(errors, source_check)
+            report.errors.extend(f"dciodvfy: {e}" for e in introduced)
+            report.inherited.extend(inherited)
             report.warnings.extend(warnings)
     if report.errors:
         raise OutputValidationError(built.kind, path.name, report.errors)
