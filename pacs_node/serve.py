@@ -11,23 +11,27 @@ durable, and a job interrupted in a worker is queued again by its lease.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
 from pacs_node.api.app import create_app
 from pacs_node.assemble.scheduler import CompletenessResult, StudyAssembler
-from pacs_node.config import ConfigError, Settings
+from pacs_node.config import ConfigError, HttpSettings, Settings
 from pacs_node.db.models import Study
 from pacs_node.ingest.dimse import DimseServer
+from pacs_node.ingest.reconcile import StartupReconciler
 from pacs_node.jobs.actions import enqueue
 from pacs_node.jobs.routing import parse_rules
 from pacs_node.jobs.supervisor import JobSupervisor
@@ -36,7 +40,7 @@ from pacs_node.pull.completeness import CompletenessChecker
 from pacs_node.pull.service import PullService
 from pacs_node.queue import CeleryDispatcher, Dispatcher
 
-__all__ = ["NodeServer", "WorkerProcess", "serve"]
+__all__ = ["NodeServer", "WorkerProcess", "check_http_exposure", "http_tls_options", "is_loopback_host", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +114,8 @@ class NodeServer:
     Raises
     ------
     ConfigError
-        When ``[[sources]]`` is invalid.
+        When ``[[sources]]`` is invalid, or the HTTPS certificate / key
+        cannot be loaded.
     """
 
     def __init__(self, node: Node, *, dispatcher: Dispatcher | None = None,
@@ -125,6 +130,7 @@ class NodeServer:
         self.dispatcher: Dispatcher = dispatcher or CeleryDispatcher(node.settings)
         self.worker = worker
         self.dimse = DimseServer(node.settings.dicom, node.ingestor)
+        self.reconciler = StartupReconciler(node)
         self.assembler = StudyAssembler(
             node.db,
             node.settings.study,
@@ -139,7 +145,8 @@ class NodeServer:
         self._loop_thread: threading.Thread | None = None
         http = node.settings.http
         self.http = uvicorn.Server(
-            uvicorn.Config(self.app, host=http.host, port=http.port, log_config=None, access_log=False)
+            uvicorn.Config(self.app, host=http.host, port=http.port, log_config=None, access_log=False,
+                           forwarded_allow_ips=http.forwarded_allow_ips, **http_tls_options(http))
         )
         self._http_thread: threading.Thread | None = None
 
@@ -181,6 +188,9 @@ class NodeServer:
 
     def start_background(self) -> None:
         """Start everything in threads (tests); :meth:`stop` ends them."""
+        # Arrivals cut by the previous process, leftover and row-less files:
+        # settled before the SCP accepts anything (pacs_node.ingest.reconcile).
+        self.reconciler.run()
         self.dimse.start()
         if self.worker is not None:
             self.worker.start()
@@ -206,8 +216,9 @@ class NodeServer:
             self.start_background()
             s = self.node.settings
             logger.info(
-                "pacs-node serving: DICOM %s@%s:%d, HTTP http://%s:%d",
-                s.dicom.ae_title, s.dicom.host, self.dimse.port, s.http.host, self.http_port,
+                "pacs-node serving: DICOM %s@%s:%d, HTTP %s://%s:%d",
+                s.dicom.ae_title, s.dicom.host, self.dimse.port, "https" if s.http.tls_cert else "http",
+                s.http.host, self.http_port,
             )
             while not shutdown.wait(0.5):
                 if self._http_thread is not None and not self._http_thread.is_alive():
@@ -219,6 +230,7 @@ class NodeServer:
                 signal.signal(sig, handler)
 
     def stop(self) -> None:
+        self.reconciler.stop()
         self.dimse.stop()
         self.http.should_exit = True
         self._stop.set()
@@ -255,7 +267,105 @@ def provision_demo_model(settings: Settings) -> Path | None:
     return configured
 
 
+def is_loopback_host(host: str) -> bool:
+    """True when ``host`` names only the loopback interface.
+
+    Parameters
+    ----------
+    host:
+        An address or ``localhost``; any other name (and ``""``, all
+        interfaces) counts as reachable from the network.
+
+    Returns
+    -------
+    bool
+        Whether only local processes can connect.
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def http_tls_options(http: HttpSettings) -> dict[str, Any]:
+    """uvicorn's TLS arguments for ``[http] tls_cert``, ``tls_key``, ``tls_ca``.
+
+    The certificate and key are loaded once here, so a bad file is a one-line
+    configuration error at start rather than a dead HTTP thread.
+
+    Parameters
+    ----------
+    http:
+        The ``[http]`` settings.
+
+    Returns
+    -------
+    dict
+        ``ssl_certfile``, ``ssl_keyfile`` and, with ``tls_ca``,
+        ``ssl_ca_certs`` and ``ssl_cert_reqs=CERT_REQUIRED``; empty without TLS.
+
+    Raises
+    ------
+    ConfigError
+        When the certificate, key or CA file cannot be loaded.
+    """
+    if http.tls_cert is None:
+        return {}
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(str(http.tls_cert), str(http.tls_key) if http.tls_key else None)
+        if http.tls_ca is not None:
+            ctx.load_verify_locations(str(http.tls_ca))
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"invalid configuration: http.tls_cert/tls_key/tls_ca: cannot load ({exc})") from None
+    options: dict[str, Any] = {"ssl_certfile": str(http.tls_cert), "ssl_keyfile": str(http.tls_key)}
+    if http.tls_ca is not None:
+        options.update(ssl_ca_certs=str(http.tls_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return options
+
+
+def check_http_exposure(settings: Settings) -> None:
+    """Refuse an HTTP server reachable from the network without tokens (like
+    Orthanc's ``RemoteAccessAllowed`` / ``AuthenticationEnabled``), and warn
+    about the settings that weaken authentication.
+
+    Parameters
+    ----------
+    settings:
+        The node's settings.
+
+    Raises
+    ------
+    ConfigError
+        When ``http.host`` is not loopback, no ``[[http.tokens]]`` is
+        configured and ``http.allow_unauthenticated`` is not set.
+    """
+    http = settings.http
+    if http.allow_unauthenticated:
+        logger.warning("http.allow_unauthenticated is set: patient data is served over HTTP without any token "
+                       "to whoever reaches %s:%d (only behind an authenticating proxy)", http.host, http.port)
+        return
+    if not http.tokens:
+        if not is_loopback_host(http.host):
+            raise ConfigError(
+                f"refusing to start: http.host {http.host or '(all interfaces)'} is not a loopback address and no "
+                "[[http.tokens]] is configured; create one with `pacs-node token create`, or set "
+                "http.allow_unauthenticated = true to serve patient data without authentication (not recommended)")
+        logger.warning("no [[http.tokens]] configured: every patient-data HTTP endpoint answers 401 "
+                       "(create a token with `pacs-node token create`)")
+    if http.tls_cert is None and not is_loopback_host(http.host):
+        logger.warning("the HTTP server on %s has no TLS (http.tls_cert): tokens and patient data cross the "
+                       "network in clear text unless a TLS proxy is in front", http.host)
+
+
 def serve(settings: Settings, config_file: str | None = None) -> int:
+    try:
+        check_http_exposure(settings)
+    except ConfigError as exc:
+        print(f"pacs-node: {exc}", file=sys.stderr)
+        return 2
     provision_demo_model(settings)
     node = Node.from_settings(settings)
     worker = None

@@ -8,9 +8,12 @@ missing service FAILS the test instead of skipping it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -55,13 +58,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def token_entry(name: str, token: str, scopes: Sequence[str]) -> dict[str, object]:
+    """One ``[[http.tokens]]`` entry for ``token`` (only its SHA-256, as in a real configuration)."""
+    return {"name": name, "sha256": hashlib.sha256(token.encode()).hexdigest(), "scopes": list(scopes)}
+
+
+def token_config(name: str, token: str, scopes: Sequence[str]) -> str:
+    """The ``[[http.tokens]]`` TOML table of ``token``, for a test's configuration file
+    (after the ``[http]`` keys, or anywhere before the next table)."""
+    e = token_entry(name, token, scopes)
+    return f'[[http.tokens]]\nname = "{e["name"]}"\nsha256 = "{e["sha256"]}"\nscopes = {json.dumps(e["scopes"])}\n'
+
+
+def tokens_env(*tokens: tuple[str, str, Sequence[str]]) -> str:
+    """``http.tokens`` as JSON, for ``make_settings(..., http__tokens=tokens_env(("name", TOKEN, ["read"])))``."""
+    return json.dumps([token_entry(*t) for t in tokens])
+
+
 def _pg_schema_url(schema: str) -> str:
     sep = "&" if "?" in PG_URL else "?"
     return f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
 
 
+#: The bearer token configured by :func:`make_settings` (scopes read and write):
+#: every HTTP request of a test still has to send it (``headers=TEST_AUTH``).
+TEST_TOKEN = "pn_test-token-" + "0" * 32
+TEST_AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
+
+
 def make_settings(tmp_path: Path, db_url: str, **overrides: object) -> Settings:
-    """Settings for a test: loopback, free ports, everything under tmp_path."""
+    """Settings for a test: loopback, free ports, everything under tmp_path, and
+    one HTTP token, :data:`TEST_TOKEN` (override with ``http__tokens=tokens_env(...)``
+    or ``http__tokens="[]"``; left out with ``http__allow_unauthenticated``)."""
     env = {
         "PACS_NODE_STORAGE__ROOT": str(tmp_path / "storage"),
         "PACS_NODE_DATABASE__URL": db_url,
@@ -69,6 +97,8 @@ def make_settings(tmp_path: Path, db_url: str, **overrides: object) -> Settings:
         "PACS_NODE_HTTP__PORT": "0",
         "PACS_NODE_STORAGE__MIN_FREE_BYTES": "0",
     }
+    if "http__allow_unauthenticated" not in overrides:
+        env["PACS_NODE_HTTP__TOKENS"] = tokens_env(("test", TEST_TOKEN, ["read", "write"]))
     for key, value in overrides.items():
         env["PACS_NODE_" + key.upper()] = str(value)
     old = {k: os.environ.get(k) for k in env}

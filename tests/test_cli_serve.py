@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nodetest import free_port, require_tool, tcp_open
+from nodetest import TEST_AUTH, TEST_TOKEN, free_port, require_tool, tcp_open, token_config
 from dicom_factory import make_study, to_bytes, write_files
 
 NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -67,7 +67,7 @@ allowed_calling_aets = ["STORESCU", "ORTHANC"]
 
 [http]
 port = {http_port}
-
+{token_config("newcomer", TEST_TOKEN, ["read", "write"])}
 [storage]
 root = "{tmp_path / 'storage'}"
 min_free_bytes = 0
@@ -111,8 +111,10 @@ def test_serve_storescu_jobs_list_and_restart(node_config: tuple[Path, int, int]
             b"--XYZ\r\nContent-Type: application/dicom\r\n\r\n" + to_bytes(extra[0]) + b"\r\n",
             b"--XYZ\r\nContent-Type: application/dicom\r\n\r\nnot dicom at all\r\n--XYZ--\r\n",
         ])
-        r = httpx.post(f"http://127.0.0.1:{http_port}/dicomweb/studies", content=body,
-                       headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=XYZ'})
+        stow = f"http://127.0.0.1:{http_port}/dicomweb/studies"
+        ctype = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=XYZ'}
+        assert httpx.post(stow, content=body, headers=ctype).status_code == 401  # no token, nothing stored
+        r = httpx.post(stow, content=body, headers={**ctype, **TEST_AUTH})
         assert r.status_code == 202
         assert r.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC210]
 

@@ -22,9 +22,12 @@ import pytest
 from pydicom import dcmread
 
 from dicom_factory import series_from_volume, write_files
-from nodetest import REDIS_URL, free_port, require, require_tool, tcp_open
+from nodetest import REDIS_URL, free_port, require, require_tool, tcp_open, token_config
 
 NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}
+#: The operator's token (read, write) and the remote worker's own, read-only token (WADO-RS).
+TOKEN = "pn_e2e-operator-" + "2" * 32
+WORKER_TOKEN = "pn_e2e-worker-" + "3" * 32
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
@@ -83,8 +86,8 @@ def _config(tmp: Path, *, db_url: str, broker: str, model: Path, dest_port: int,
 port = {dicom_port}
 [http]
 port = {http_port}
-api_token = "t0ken"
-[storage]
+{token_config("operator", TOKEN, ["read", "write"])}
+{token_config("worker", WORKER_TOKEN, ["read"])}[storage]
 root = "{tmp / 'storage'}"
 min_free_bytes = 0
 [database]
@@ -274,7 +277,7 @@ def test_remote_worker_without_shared_storage(tmp_path: Path, tiny_model: Path, 
     wcfg = worker_dir / "worker.toml"
     text = cfg.read_text().replace(str(node_dir / "storage"), str(worker_dir / "no-such-storage"))
     wcfg.write_text(text + f'\n[worker]\nstorage = "remote"\nnode_url = "http://127.0.0.1:{http_port}"\n'
-                    f'node_token = "t0ken"\noutputs_dir = "{worker_dir / "outputs"}"\n')
+                    f'node_token = "{WORKER_TOKEN}"\noutputs_dir = "{worker_dir / "outputs"}"\n')
     logs = [node_dir / "node.log", worker_dir / "w.log"]
     node = Proc(["--config", str(cfg), "serve"], logs[0])
     w = Proc(["--config", str(wcfg), "worker", "--queues", "gpu,io"], logs[1])

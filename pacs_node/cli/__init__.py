@@ -1,6 +1,7 @@
 """The ``pacs-node`` command line.
 
-Subcommands of this package: ``serve``, ``db``, ``studies``, ``jobs``, ``analyze``.
+Subcommands of this package: ``serve``, ``db``, ``studies``, ``jobs``, ``analyze``,
+``storage``, ``token``.
 Other installed packages add theirs through the ``pacs_node.commands``
 entry-point group (``worker`` adds ``train``, ``calibrate``, ``evaluate``,
 ``worker``): each entry point is a ``register(subparsers)`` function whose
@@ -14,7 +15,7 @@ import logging
 import sys
 from importlib.metadata import entry_points
 
-from pacs_node.cli import data_cmds, pull_cmd, serve_cmd
+from pacs_node.cli import data_cmds, pull_cmd, serve_cmd, token_cmd, storage_cmd
 
 __all__ = ["build_parser", "main"]
 
@@ -29,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.register(sub)
     data_cmds.register(sub)
     pull_cmd.register(sub)
+    token_cmd.register(sub)
+    storage_cmd.register(sub)
     for ep in sorted(entry_points(group="pacs_node.commands"), key=lambda e: e.name):
         try:
             ep.load()(sub)

@@ -100,10 +100,12 @@ def cmd_studies_list(args: argparse.Namespace) -> int:
                     version=x.version,
                     calling_aet=x.calling_aet,
                     last_received=x.last_received_at.strftime("%Y-%m-%d %H:%M:%S"),
+                    interrupted=x.interrupted_reason,
                 )
                 for x in studies
             ],
-            ["id", "study_uid", "accession", "series", "instances", "version", "calling_aet", "last_received"],
+            ["id", "study_uid", "accession", "series", "instances", "version", "calling_aet", "last_received",
+             "interrupted"],
         )
     return 0
 
@@ -162,6 +164,17 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     print("events:")
     for e in job.events:
         print(f"  {e.at:%Y-%m-%d %H:%M:%S}  {e.from_state or '-':>15} -> {e.to_state:<15} {e.message or ''}")
+    if job.deliveries:
+        print("deliveries:")
+        for a in job.deliveries:
+            code = "" if a.status_code is None else f" {a.status_code:#06x}"
+            print(f"  {a.started_at:%Y-%m-%d %H:%M:%S}  {a.destination} #{a.attempt}: {a.status}{code} {a.error or ''}")
+    if job.commitments:
+        print("storage commitment:")
+        for c in job.commitments:
+            counts = {st: sum(1 for i in c.instances if i.status == st) for st in ("committed", "failed", "pending")}
+            print(f"  {c.requested_at:%Y-%m-%d %H:%M:%S}  {c.destination} #{c.attempt}: {c.state} "
+                  + ", ".join(f"{n} {st}" for st, n in counts.items() if n) + (f"  {c.error}" if c.error else ""))
     return 0
 
 

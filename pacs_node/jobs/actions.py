@@ -39,6 +39,15 @@ def create_job(s: Session, study: Study, version: int, reason: str, rules: list[
     route it: ``queued`` with a profile and series, or ``skipped``."""
     series = list(s.execute(select(Series).where(Series.study_id == study.id)).scalars())
     now = utcnow()
+    interrupted = ""
+    if study.interrupted_at is not None:
+        # The version is claimed now: its interruption is settled (the
+        # arrivals table keeps the history).
+        interrupted = f"; its last arrival was interrupted ({study.interrupted_reason or 'unknown'})"
+        logger.info("study %d: job created although its arrival was interrupted (%s): %s",
+                    study.id, study.interrupted_reason, reason)
+        study.interrupted_at = None
+        study.interrupted_reason = None
     job = Job(
         study_id=study.id,
         study_version=version,
@@ -53,7 +62,9 @@ def create_job(s: Session, study: Study, version: int, reason: str, rules: list[
     )
     s.add(job)
     s.flush()
-    record_created(s, job, f"created: {reason} ({study.num_instances} instances, {len(series)} series)")
+    record_created(
+        s, job, f"created: {reason} ({study.num_instances} instances, {len(series)} series){interrupted}"
+    )
     route = choose_route(rules, study, series)
     if isinstance(route, Route):
         job.model_profile = route.profile

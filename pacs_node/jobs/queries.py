@@ -7,14 +7,16 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from pacs_node.db.models import Job, Study
+from pacs_node.db.models import Job, StorageCommitment, Study
 from pacs_node.jobs.schemas import (
+    CommitmentItemOut,
     DeliveryAttemptOut,
     JobDetail,
     JobEventOut,
     JobSummary,
     OutputOut,
     SeriesSummary,
+    StorageCommitmentOut,
     StudySummary,
 )
 
@@ -86,6 +88,12 @@ def get_job(s: Session, job_id: int) -> JobDetail | None:
     ).scalar_one_or_none()
     if job is None:
         return None
+    commitments = s.execute(
+        select(StorageCommitment)
+        .where(StorageCommitment.job_id == job_id)
+        .options(selectinload(StorageCommitment.items))
+        .order_by(StorageCommitment.id)
+    ).scalars()
     return JobDetail(
         **_summary_fields(job),  # type: ignore[arg-type]
         reason=job.reason,
@@ -109,6 +117,13 @@ def get_job(s: Session, job_id: int) -> JobDetail | None:
             )
             for d in job.deliveries
         ],
+        commitments=[
+            StorageCommitmentOut(
+                **{k: getattr(c, k) for k in StorageCommitmentOut.model_fields if k != "instances"},
+                instances=[CommitmentItemOut.model_validate(i) for i in c.items],
+            )
+            for c in commitments
+        ],
     )
 
 
@@ -130,6 +145,8 @@ def list_studies(s: Session, *, limit: int = 100, offset: int = 0) -> list[Study
                 first_received_at=st.first_received_at,
                 last_received_at=st.last_received_at,
                 series=[SeriesSummary.model_validate(x) for x in st.series],
+                interrupted_at=st.interrupted_at,
+                interrupted_reason=st.interrupted_reason,
             )
         )
     return out

@@ -8,12 +8,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "CommitmentItemOut",
     "DeliveryAttemptOut",
     "JobDetail",
     "JobEventOut",
     "JobSummary",
     "OutputOut",
     "SeriesSummary",
+    "StorageCommitmentOut",
     "StudySummary",
 ]
 
@@ -86,6 +88,41 @@ class DeliveryAttemptOut(BaseModel):
     finished_at: dt.datetime | None
 
 
+class CommitmentItemOut(BaseModel):
+    """One instance of a storage commitment request: ``pending``, ``committed`` or
+    ``failed`` (with the archive's Failure Reason, PS3.3 C.14.1.1)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    status: str
+    failure_reason: int | None
+
+
+class StorageCommitmentOut(BaseModel):
+    """One Storage Commitment request to a destination after a delivery.
+
+    ``state``: ``pending``, ``committed``, ``failed``, ``timeout``,
+    ``not_supported`` or ``error``.
+    """
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    destination: str
+    attempt: int
+    transaction_uid: str
+    state: str
+    status_code: int | None
+    event_type: int | None
+    report_association: str | None
+    error: str | None
+    requested_at: dt.datetime
+    reported_at: dt.datetime | None
+    instances: list[CommitmentItemOut] = Field(default_factory=list)
+
+
 class JobDetail(JobSummary):
     reason: str | None
     worker_host: str | None
@@ -95,6 +132,8 @@ class JobDetail(JobSummary):
     events: list[JobEventOut]
     outputs: list[OutputOut] = Field(default_factory=list)
     deliveries: list[DeliveryAttemptOut] = Field(default_factory=list)
+    #: Storage commitment requests after delivery, oldest first.
+    commitments: list[StorageCommitmentOut] = Field(default_factory=list)
 
 
 class SeriesSummary(BaseModel):
@@ -121,3 +160,8 @@ class StudySummary(BaseModel):
     first_received_at: dt.datetime
     last_received_at: dt.datetime
     series: list[SeriesSummary]
+    #: Set while the pending version's arrival was cut (aborted, lost,
+    #: crashed): the study waits for a complete resend, source verification
+    #: or an operator (``interrupted_at``: the cut arrival's last instance).
+    interrupted_at: dt.datetime | None = None
+    interrupted_reason: str | None = None

@@ -18,14 +18,14 @@ from typing import Any
 
 import httpx
 
-from nodetest import free_port, require_tool, tcp_open
+from nodetest import free_port, require_tool, tcp_open, token_config
 from peers import OrthancServer
 from pacs_node.db.session import Database
 from pacs_node.jobs.queries import get_job, list_jobs
 from pacs_node.jobs.schemas import JobDetail, JobSummary
 
 NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}
-TOKEN = "t0ken"
+TOKEN = "pn_orthanc-tests-" + "1" * 32
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 #: How long the shared node ("site") waits for instances its archive holds (seconds).
@@ -200,8 +200,7 @@ def make_node(workdir: Path, *, model: Path, destinations: list[dict[str, Any]],
 port = {dicom_port}
 [http]
 port = {http_port}
-api_token = "{TOKEN}"
-[storage]
+{token_config("tests", TOKEN, ["read", "write"])}[storage]
 root = "{workdir / 'storage'}"
 min_free_bytes = 0
 [database]
