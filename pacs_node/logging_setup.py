@@ -7,7 +7,7 @@ import logging
 import sys
 import warnings
 
-__all__ = ["WithholdInvalidValues", "configure_logging"]
+__all__ = ["QuietDecoderFailures", "WithholdInvalidValues", "configure_logging"]
 
 
 class _JsonFormatter(logging.Formatter):
@@ -52,6 +52,40 @@ class WithholdInvalidValues(logging.Filter):
         return True
 
 
+#: Loggers that log a caught exception at ERROR with its traceback and then
+#: raise or fall back themselves: pydicom's pixel decoders (once per failing
+#: plugin) and pynetdicom's ``decode_bytes`` (a non-ASCII byte in a PDU
+#: field, before it tries other codecs).
+_CAUGHT_AND_RAISED = ("pydicom.pixels.decoders", "pynetdicom.utils")
+
+
+class QuietDecoderFailures(logging.Filter):
+    """Library records of exceptions the library itself raises or handles
+    (:data:`_CAUGHT_AND_RAISED`). Every caller in the node turns the exception
+    into a refusal (0xC210, :mod:`pacs_node.ingest.validate`; A-ABORT,
+    :mod:`pacs_node.ingest.guard`) or a job error with its message, so the
+    record is kept only at DEBUG, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Downgrade decoder-failure records; keep every other record.
+
+        Parameters
+        ----------
+        record:
+            A log record.
+
+        Returns
+        -------
+        bool
+            False for a decoder failure unless the root logger is at DEBUG.
+        """
+        if record.name.startswith(_CAUGHT_AND_RAISED) and record.levelno >= logging.ERROR:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info, record.exc_text = None, None
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def configure_logging(level: str = "INFO", *, json_format: bool = False) -> None:
     """Log to stderr; pynetdicom's per-message chatter is kept at WARNING;
     pydicom's invalid-value messages are logged without the value (and its
@@ -61,6 +95,7 @@ def configure_logging(level: str = "INFO", *, json_format: bool = False) -> None
         _JsonFormatter() if json_format else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     )
     handler.addFilter(WithholdInvalidValues())
+    handler.addFilter(QuietDecoderFailures())
     warnings.filterwarnings("ignore", message=_INVALID_VALUE, category=UserWarning)
     root = logging.getLogger()
     root.handlers[:] = [handler]

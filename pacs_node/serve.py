@@ -215,9 +215,15 @@ class NodeServer:
         try:
             self.start_background()
             s = self.node.settings
+            if not self.dimse.tls:
+                dicom = f"{self.dimse.port}"
+            elif s.dicom.tls_port is None:
+                dicom = f"{self.dimse.port} (TLS only)"
+            else:
+                dicom = f"{self.dimse.port}, TLS {self.dimse.tls_port}"
             logger.info(
-                "pacs-node serving: DICOM %s@%s:%d, HTTP %s://%s:%d",
-                s.dicom.ae_title, s.dicom.host, self.dimse.port, "https" if s.http.tls_cert else "http",
+                "pacs-node serving: DICOM %s@%s:%s, HTTP %s://%s:%d",
+                s.dicom.ae_title, s.dicom.host, dicom, "https" if s.http.tls_cert else "http",
                 s.http.host, self.http_port,
             )
             while not shutdown.wait(0.5):

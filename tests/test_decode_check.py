@@ -124,6 +124,30 @@ def test_missing_rows_or_bad_bits_allocated_is_refused() -> None:
     assert "Bits Allocated 12" in refused(to_bytes(ds)).comment
 
 
+@pytest.mark.parametrize(
+    ("keyword", "value", "says"),
+    [
+        ("BitsAllocated", None, "Bits Allocated None"),
+        ("SamplesPerPixel", None, "Samples per Pixel None"),
+        ("PixelRepresentation", None, "Pixel Representation"),
+        ("BitsStored", 144, "Bits Stored 144"),
+        ("PhotometricInterpretation", "MONOCHOME2", "Photometric Interpretation"),
+        ("PhotometricInterpretation", None, "Photometric Interpretation"),
+    ],
+)
+def test_regression_image_pixel_module_attributes_the_decoder_needs(keyword: str, value: object, says: str) -> None:
+    """Fuzz campaign seed 20261204: each of these was acknowledged, then
+    failed in the worker's decoder."""
+    ds = image()
+    ds["PixelData"].VR = "OW"  # pydicom needs Bits Allocated to choose it
+    if value is None:
+        delattr(ds, keyword)
+    else:
+        setattr(ds, keyword, value)
+    err = refused(to_bytes(ds))
+    assert err.status == Status.CANNOT_UNDERSTAND and says in err.comment
+
+
 def test_instance_without_pixel_data_passes() -> None:
     ds = image()
     del ds.PixelData
@@ -290,6 +314,18 @@ def test_regression_deflate_bomb_is_refused_in_bounded_memory() -> None:
     parse_meta(data, checks=IngestSettings(max_inflated_bytes=16 * 1024 * 1024))
 
 
+def test_regression_a_tag_above_pixel_data_does_not_hide_the_pixel_data() -> None:
+    """Fuzz campaign seed 20261204 case 200: Bits Allocated's tag became
+    (8028,0100); the header reader stopped there and the pixel data after it
+    went unchecked."""
+    ds = image()
+    data = to_bytes(ds)
+    at = data.index(b"\x28\x00\x00\x01US")  # (0028,0100) Bits Allocated
+    mutated = data[:at] + b"\x28\x80" + data[at + 2 :]
+    err = refused(mutated)
+    assert err.status == Status.CANNOT_UNDERSTAND and "Bits Allocated None" in err.comment
+
+
 def test_not_dicom_at_all() -> None:
     assert "preamble" in refused(b"hello" * 100).comment
     assert refused(b"\x00" * 128 + b"DICM" + b"\xff" * 40).status == Status.CANNOT_UNDERSTAND
@@ -443,3 +479,30 @@ def test_encode_part10_of_a_checked_bare_data_set_round_trips() -> None:
     assert again.sop_uid == meta.sop_uid
     assert dcmread(io.BytesIO(encode_part10(body, again))).SOPInstanceUID == ds.SOPInstanceUID
     assert np.frombuffer(dcmread(io.BytesIO(encode_part10(body, again))).PixelData, np.int16).size == 64
+
+
+def test_decoder_failure_records_lose_their_traceback() -> None:
+    """pydicom logs each failing decoder plugin at ERROR with a traceback
+    before it raises; the node refuses the instance itself, so the record
+    drops to DEBUG without the traceback (fuzz campaign: 0 ERROR tracebacks)."""
+    import logging
+
+    from pacs_node.logging_setup import QuietDecoderFailures
+
+    try:
+        raise RuntimeError("libjpeg error code '-1038'")
+    except RuntimeError:
+        import sys
+
+        exc_info = sys.exc_info()
+    record = logging.LogRecord("pydicom.pixels.decoders.base", logging.ERROR, __file__, 1, "failed", (), exc_info)
+    root = logging.getLogger()
+    before = root.level
+    try:
+        root.setLevel(logging.INFO)
+        assert QuietDecoderFailures().filter(record) is False
+        assert record.levelno == logging.DEBUG and record.exc_info is None
+        other = logging.LogRecord("pacs_node.x", logging.ERROR, __file__, 1, "kept", (), exc_info)
+        assert QuietDecoderFailures().filter(other) is True and other.exc_info is not None
+    finally:
+        root.setLevel(before)

@@ -588,3 +588,23 @@ def test_max_associations_counts_only_associations(
             a.release()
         for s in silent:
             s.close()
+
+
+@pytest.mark.parametrize(("field", "reason"), [("called", 0x07), ("calling", 0x03)])
+def test_regression_non_ascii_ae_title_is_rejected_before_pynetdicom_logs_a_traceback(
+    tmp_path: Path, sqlite_url: str, caplog: pytest.LogCaptureFixture, field: str, reason: int
+) -> None:
+    """Fuzz campaign seed 20261204, garbage PDUs: an A-ASSOCIATE-RQ whose AE
+    title holds bytes like 0xC8 made pynetdicom log a UnicodeDecodeError at
+    ERROR with a traceback. The node answers A-ASSOCIATE-RJ (permanent,
+    service-user, called/calling AE title not recognised) itself."""
+    pdu = bytearray(rq_bytes())
+    at = 10 if field == "called" else 26
+    pdu[at : at + 4] = b"\xc8\xba\xcf\xfd"
+    with running(tmp_path, sqlite_url) as (_node, server), caplog.at_level(logging.DEBUG):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.sendall(bytes(pdu))
+            reply = read_pdu(s)
+        assert reply[:1] == b"\x03" and reply[7:10] == bytes([0x01, 0x01, reason]), reply.hex()
+        assert f"the {field} AE title has characters AE does not allow" in caplog.text
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

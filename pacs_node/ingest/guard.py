@@ -359,6 +359,15 @@ def read_associate_rq(sock: socket.socket, address: Any, limits: Limits, deadlin
     if got < length:
         logger.debug("connection from %s closed inside its A-ASSOCIATE-RQ", where)
         raise _Closed
+    for name, field, reason in (("called", pdu[10:26], 0x07), ("calling", pdu[26:42], 0x03)):
+        # AE titles are the default repertoire without backslash or control
+        # characters (PS3.5 §6.2, AE). pynetdicom would log each other byte
+        # at ERROR with a traceback, then guess a codec.
+        if any(b < 0x20 or b > 0x7E or b == 0x5C for b in field):
+            throttle.warn("rq-aet", address[0], "A-ASSOCIATE-RQ from %s: the %s AE title has characters AE "
+                          "does not allow: A-ASSOCIATE-RJ", where, name)
+            send_and_close(sock, reject_pdu(0x01, 0x01, reason))
+            raise _Closed
     try:
         A_ASSOCIATE_RQ().decode(bytes(pdu))
     except Exception:  # noqa: BLE001 - any decoding failure is the peer's malformed request

@@ -184,8 +184,8 @@ def parse_meta(
 
 
 _DEFAULT_CHECKS = IngestSettings()
-#: Read the header up to the first pixel data element (Float, Double Float or Pixel Data).
-_PIXEL_START = 0x7FE00008
+#: The header is read up to the first pixel data element (Float, Double Float or Pixel Data).
+_PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
 
 
 def _read_file_meta(data: bytes) -> tuple[FileMetaDataset, int]:
@@ -226,7 +226,10 @@ def _read_header(body: bytes | memoryview, uid: UID) -> tuple[Dataset, int]:
         fp,
         is_implicit_VR=uid.is_implicit_VR,
         is_little_endian=uid.is_little_endian,
-        stop_when=lambda tag, vr, length: tag >= _PIXEL_START,
+        # Exactly at a pixel data element: a data set whose tags are out of
+        # order (a mutated tag above 7FE0) is read on, as pydicom's own
+        # reader does, so nothing is hidden behind it.
+        stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS,
         specific_tags=_READ_TAGS,
     )
     return ds, fp.tell()

@@ -19,9 +19,10 @@ keeps its copy.
     JP2 signature box, an RLE header whose segment offsets lie in the frame).
     Costs a few microseconds per fragment; nothing is decoded.
 ``"full"``
-    Also decodes every frame with pydicom's decoders (pylibjpeg, openjpeg,
-    RLE); a transfer syntax no installed decoder handles is checked for
-    structure only. Costs a full decode per instance.
+    Also decodes every frame with pydicom's decoders (native data, and
+    pylibjpeg, openjpeg, RLE for encapsulated data); a transfer syntax no
+    installed decoder handles is checked for structure only. Costs a full
+    decode per instance.
 ``"off"``
     The header is still read and checked; pixel data is not.
 """
@@ -33,6 +34,7 @@ import struct
 from typing import Literal
 
 from pydicom.dataset import Dataset
+from pydicom.pixels.common import PhotometricInterpretation
 from pydicom.uid import (
     UID,
     JPEG2000TransferSyntaxes,
@@ -71,6 +73,9 @@ _J2K_FAMILY = {str(u) for u in JPEG2000TransferSyntaxes} | {
     "1.2.840.10008.1.2.4.202",  # HTJ2K lossless RPCL
     "1.2.840.10008.1.2.4.203",  # HTJ2K
 }
+#: PS3.3 C.7.6.3.1.2 (pydicom's PhotometricInterpretation, plus the
+#: retired ones archives still hold).
+_PHOTOMETRIC = {p.value for p in PhotometricInterpretation} | {"XYB", "YBR_PARTIAL_420", "RGBA", "CMYK"}
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 
 
@@ -155,9 +160,20 @@ def check_pixel_data(
     bits = _number(ds, "BitsAllocated")
     if bits not in (1, 8, 16, 32, 64):
         raise _refuse(f"Bits Allocated {bits} is not 1, 8, 16, 32 or 64")
-    samples = _number(ds, "SamplesPerPixel", 1) or 0
+    samples = _number(ds, "SamplesPerPixel")
     if samples not in (1, 3, 4):
-        raise _refuse(f"Samples per Pixel {samples} is not 1 or 3")
+        raise _refuse(f"Samples per Pixel {samples} is not 1, 3 or 4")
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
+    if photometric not in _PHOTOMETRIC:
+        raise _refuse("Photometric Interpretation is missing or unknown")
+    if tag == 0x7FE00010:
+        # Type 1 in the Image Pixel module (PS3.3 C.7.6.3); the worker's
+        # decoder needs every one of them.
+        stored = _number(ds, "BitsStored")
+        if stored is None or not 1 <= stored <= bits:
+            raise _refuse(f"Bits Stored {stored} is not between 1 and Bits Allocated {bits}")
+        if _number(ds, "PixelRepresentation") not in (0, 1):
+            raise _refuse("Pixel Representation is missing or not 0 or 1")
     frames = _number(ds, "NumberOfFrames", 1)
     if frames is None or frames < 1:
         raise _refuse(f"Number of Frames {frames} is not a positive number")
@@ -183,6 +199,8 @@ def check_pixel_data(
             f"{name} holds {length} bytes; {rows} rows x {columns} columns x {samples} samples x "
             f"{frames} frames x {bits} bits need {expected}"
         )
+    if mode == "full":
+        _decode(ds, view, offset, str(ts), frames)
 
 
 def _expected_native_length(ds: Dataset, rows: int, columns: int, samples: int, bits: int, frames: int) -> int:
