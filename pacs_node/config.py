@@ -453,14 +453,31 @@ def _format_error(err: ValidationError) -> str:
     return f"invalid configuration: {key}: {msg}{suffix}"
 
 
+#: Looked for, in this order, when neither ``--config`` nor
+#: ``$PACS_NODE_CONFIG`` names a file (README "Configuration").
+DEFAULT_CONFIG_FILES = (Path("pacs-node.toml"), Path("/etc/pacs-node/pacs-node.toml"))
+
+
+def resolve_config_file(config_file: str | os.PathLike[str] | None = None) -> Path | None:
+    """The configuration file ``serve`` and every other command read:
+    ``config_file`` (``--config``), else ``$PACS_NODE_CONFIG``, else the first
+    of :data:`DEFAULT_CONFIG_FILES` that exists, else None (built-in defaults
+    and environment variables only)."""
+    named = config_file if config_file is not None else os.environ.get("PACS_NODE_CONFIG")
+    if named:
+        return Path(named)
+    return next((p for p in DEFAULT_CONFIG_FILES if p.is_file()), None)
+
+
 def load_settings(config_file: str | os.PathLike[str] | None = None) -> Settings:
     """Load and validate the settings.
 
     Parameters
     ----------
     config_file:
-        TOML file; ``None`` uses ``$PACS_NODE_CONFIG`` when set, else only
-        defaults and environment variables.
+        TOML file; ``None`` uses ``$PACS_NODE_CONFIG`` when set, else the
+        first of :data:`DEFAULT_CONFIG_FILES` that exists, else only defaults
+        and environment variables (:func:`resolve_config_file`).
 
     Returns
     -------
@@ -473,7 +490,7 @@ def load_settings(config_file: str | os.PathLike[str] | None = None) -> Settings
         When the file cannot be read or a value is invalid; the message is one
         line naming the key.
     """
-    path = config_file if config_file is not None else os.environ.get("PACS_NODE_CONFIG")
+    path = resolve_config_file(config_file)
     previous = os.environ.pop("_PACS_NODE_TOML_FILE", None)
     try:
         if path:

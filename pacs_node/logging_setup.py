@@ -100,5 +100,9 @@ def configure_logging(level: str = "INFO", *, json_format: bool = False) -> None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("pynetdicom", "uvicorn.access", "httpx", "celery.redirected", "kombu"):
+    # Third-party INFO chatter (highdicom logs each module it copies, per
+    # job; Celery and kombu their connections; PIL and matplotlib plugin
+    # scans) is kept at WARNING.
+    for noisy in ("pynetdicom", "uvicorn.access", "httpx", "httpcore", "celery", "kombu", "amqp", "highdicom",
+                  "PIL", "matplotlib", "urllib3", "dicomweb_client", "multipart", "asyncio", "filelock"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -226,6 +226,7 @@ class NodeServer:
                 s.dicom.ae_title, s.dicom.host, dicom, "https" if s.http.tls_cert else "http",
                 s.http.host, self.http_port,
             )
+            log_configuration(s)
             while not shutdown.wait(0.5):
                 if self._http_thread is not None and not self._http_thread.is_alive():
                     logger.error("HTTP server stopped unexpectedly")
@@ -271,6 +272,33 @@ def provision_demo_model(settings: Settings) -> Path | None:
     os.replace(tmp, configured)
     logger.info("installed the bundled demo model (synthetic data, NOT FOR CLINICAL USE) at %s", configured)
     return configured
+
+
+def _peer_text(entry: dict[str, Any]) -> str:
+    """Where a ``[[destinations]]`` / ``[[sources]]`` entry points, without secrets."""
+    kind = str(entry.get("kind", "dimse"))
+    if entry.get("url"):
+        where = str(entry["url"]).split("@")[-1]  # never a user:password@ part
+    else:
+        where = f"{entry.get('ae_title', '?')}@{entry.get('host', '?')}:{entry.get('port', '?')}"
+    extras = [k for k in ("tls", "storage_commitment") if entry.get(k) not in (None, False, "false")]
+    return f"{entry.get('name', '?')} ({kind} {where}{', ' + ', '.join(extras) if extras else ''})"
+
+
+def log_configuration(settings: Settings) -> None:
+    """One start-up line per destination, source and model, so the log says
+    what this node will send to, pull from and run."""
+    for entry in settings.destinations:
+        logger.info("destination %s", _peer_text(entry))
+    if not settings.destinations:
+        logger.info("no [[destinations]]: results stay on the node")
+    for entry in settings.sources:
+        logger.info("source %s", _peer_text(entry))
+    model = Path(str(settings.engine.get("model", DEFAULT_MODEL))).expanduser()
+    logger.info("model %s%s", model, "" if model.is_file() else " (missing: jobs will fail until it exists)")
+    profiles = settings.worker.get("profiles") or {}
+    for name, path in dict(profiles).items():
+        logger.info("model profile %s: %s", name, path)
 
 
 def is_loopback_host(host: str) -> bool:

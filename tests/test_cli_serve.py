@@ -205,3 +205,56 @@ def test_example_config_is_valid_and_complete(tmp_path: Path) -> None:
             assert section in data, f"[{section}] missing from config.example.toml"
             for key in type(sub).model_fields:
                 assert f"{key} =" in text or f"# {key} =" in text, f"{section}.{key} undocumented"
+
+
+def test_start_up_logs_one_line_per_destination_source_and_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 14: the log says what the node sends to, pulls from and runs;
+    credentials in a URL are not logged."""
+    import logging
+
+    from pacs_node.config import Settings
+    from pacs_node.serve import log_configuration
+
+    settings = Settings(
+        destinations=[
+            {"name": "pacs", "kind": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242, "tls": True},
+            {"name": "web", "kind": "dicomweb", "url": "https://user:secret@127.0.0.1/dicomweb"},
+        ],
+        sources=[{"name": "archive", "kind": "dimse", "ae_title": "ARCH", "host": "127.0.0.1", "port": 104}],
+        engine={"model": str(tmp_path / "absent.pt")},
+    )
+    with caplog.at_level(logging.INFO, "pacs_node.serve"):
+        log_configuration(settings)
+    lines = [r.getMessage() for r in caplog.records]
+    assert "destination pacs (dimse ORTHANC@127.0.0.1:4242, tls)" in lines
+    assert "destination web (dicomweb 127.0.0.1/dicomweb)" in lines
+    assert "source archive (dimse ARCH@127.0.0.1:104)" in lines
+    assert any(line.startswith("model ") and "missing" in line for line in lines)
+    assert "secret" not in caplog.text
+
+
+def test_read_commands_never_create_a_database_and_say_why_in_one_line(tmp_path: Path) -> None:
+    """Issue 14: `pacs-node jobs list` run in a directory with no node in it
+    used to create ./pacs-node-data/ and print a 60-line traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_NODE_")}
+    for command in (["jobs", "list"], ["studies", "list"], ["jobs", "show", "1"]):
+        r = subprocess.run([sys.executable, "-m", "pacs_node", *command], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"no database at {tmp_path.resolve() / 'pacs-node-data' / 'pacs-node.db'}" in lines[0]
+        assert "no config file found" in lines[0] and "PACS_NODE_CONFIG" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+    # A database file with no pacs-node tables (a wrong database.url).
+    os.close(os.open(tmp_path / "other.db", os.O_CREAT | os.O_WRONLY, 0o600))
+    (tmp_path / "pacs-node.toml").write_text(f'[database]\nurl = "sqlite:///{tmp_path / "other.db"}"\n')
+    r = subprocess.run([sys.executable, "-m", "pacs_node", "jobs", "list"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "has no pacs-node tables; run `pacs-node db upgrade`" in r.stderr
+    assert "database.url from pacs-node.toml" in r.stderr  # ./pacs-node.toml is found by default
+    assert not (tmp_path / "pacs-node-data").exists()

@@ -11,6 +11,9 @@ import argparse
 import logging
 import os
 import socket
+import warnings
+
+from celery.exceptions import SecurityWarning
 
 __all__ = ["register"]
 
@@ -52,7 +55,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     name = args.name or f"pacs-node-{'-'.join(queues)}@{socket.gethostname()}-{os.getpid()}"
     url = broker_url(settings)
     logger.info("worker %s consuming %s from %s", name, resolved, url.split("@")[-1])
+    # The node's log is the one place to read: no banner (--quiet), no
+    # colours, and Celery's superuser warning (a Python warning printed to
+    # stderr in the middle of the log) becomes one line of ours.
+    warnings.filterwarnings("ignore", category=SecurityWarning)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        logger.warning("worker %s runs as root; run it as an unprivileged user (deploy/systemd does)", name)
     argv = [
+        "--quiet", "--no-color",
         "worker",
         "--queues", resolved,
         "--concurrency", str(args.concurrency or settings.queue.worker_concurrency),

@@ -6,12 +6,16 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from pacs_node.config import ConfigError, Settings, load_settings
+from pacs_node.config import ConfigError, Settings, load_settings, resolve_config_file
 from pacs_node.logging_setup import configure_logging
 
-__all__ = ["add_config_arg", "die", "load", "print_json", "print_table"]
+if TYPE_CHECKING:
+    from pacs_node.db.session import Database
+
+__all__ = ["add_config_arg", "die", "load", "open_database", "print_json", "print_table"]
 
 
 def add_config_arg(p: argparse.ArgumentParser) -> None:
@@ -34,6 +38,44 @@ def load(args: argparse.Namespace, *, quiet: bool = False) -> Settings:
     configure_logging("WARNING" if quiet and not getattr(args, "log_level", None) else level,
                       json_format=settings.logging.json_format)
     return settings
+
+
+def open_database(settings: Settings, args: argparse.Namespace) -> Database:
+    """The node's database for a command that reads it: never created here.
+
+    Raises
+    ------
+    SystemExit
+        Code 2 with one line when the SQLite file does not exist, the
+        database cannot be reached, or it has no pacs-node tables.
+    """
+    from sqlalchemy import inspect
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from pacs_node.db.session import Database
+
+    url = make_url(settings.database.url)
+    source = resolve_config_file(getattr(args, "config", None))
+    where = f"database.url from {source}" if source else "database.url: the built-in default, no config file found"
+    hint = "pass --config FILE or set PACS_NODE_CONFIG to the node's configuration"
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        path = Path(str(url.database)).expanduser().resolve()
+        if not path.is_file():
+            raise SystemExit(die(f"no database at {path} ({where}); "
+                                 f"`pacs-node serve` creates it, or {hint}"))
+    db = Database(settings.database.url)
+    try:
+        tables = set(inspect(db.engine).get_table_names())
+    except SQLAlchemyError as exc:
+        db.dispose()
+        reason = str(getattr(exc, "orig", exc)).splitlines()[0][:200]
+        raise SystemExit(die(f"cannot reach the database {url.render_as_string(hide_password=True)}: {reason}"))
+    if "jobs" not in tables:
+        db.dispose()
+        raise SystemExit(die(f"the database {url.render_as_string(hide_password=True)} ({where}) has no pacs-node "
+                             f"tables; run `pacs-node db upgrade`, or {hint}"))
+    return db
 
 
 def print_json(obj: Any) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pacs_node.cli.common import add_config_arg, die, load, print_json, print_table
+from pacs_node.cli.common import add_config_arg, die, load, open_database, print_json, print_table
 from pacs_node.db.migrate import current_revision, upgrade
 from pacs_node.db.session import Database
 from pacs_node.jobs.queries import get_job, list_jobs, list_studies
@@ -55,8 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _db(args: argparse.Namespace) -> Database:
-    settings = load(args, quiet=True)
-    return Database(settings.database.url)
+    """The database of a read command (never created; one line when absent)."""
+    return open_database(load(args, quiet=True), args)
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -206,7 +206,7 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
     from pacs_node.queue import CeleryDispatcher
 
     settings = load(args, quiet=True)
-    db = Database(settings.database.url)
+    db = open_database(settings, args)
     dispatcher = CeleryDispatcher(settings)
     try:
         retry_job(db, dispatcher, args.job_id)
