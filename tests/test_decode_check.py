@@ -506,3 +506,35 @@ def test_decoder_failure_records_lose_their_traceback() -> None:
         assert QuietDecoderFailures().filter(other) is True and other.exc_info is not None
     finally:
         root.setLevel(before)
+
+
+def test_regression_stow_deflate_bomb_is_not_inflated_to_name_it(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench_attacks.py: a 398 KiB STOW-RS deflate bomb grew the node by
+    863 MB. The refusal was bounded, but naming the failed part in the
+    response read the data set again with pydicom, which inflates it whole.
+    Now the File Meta names it and nothing inflates without the limit."""
+    import zlib
+
+    def whole_inflate(*_args: object, **_kw: object) -> bytes:
+        raise AssertionError("zlib.decompress inflates without a limit")
+
+    bomb = image()
+    bomb.add_new(0x00091010, "LO", "BOMB")
+    bomb.add_new(0x00091011, "OB", bytes(8 * 1024 * 1024))
+    bomb.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    data = to_bytes(bomb)
+    node = Node.from_settings(make_settings(tmp_path, sqlite_url, storage__fsync="false",
+                                            ingest__max_inflated_bytes=1024 * 1024), migrate=True)
+    try:
+        with TestClient(create_app(node), headers=TEST_AUTH) as client:
+            monkeypatch.setattr(zlib, "decompress", whole_inflate)  # after the imports that use it
+            r = client.post("/dicomweb/studies", content=body_of([data]), headers={"Content-Type": CT})
+        assert r.status_code == 409
+        failed = r.json()["00081198"]["Value"]
+        assert failed[0]["00081197"]["Value"] == [0xA700]
+        assert failed[0]["00081155"]["Value"] == [bomb.SOPInstanceUID]
+        assert rows(node) == 0
+    finally:
+        node.close()

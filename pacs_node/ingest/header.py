@@ -32,6 +32,7 @@ __all__ = [
     "Status",
     "encode_part10",
     "parse_meta",
+    "read_file_meta",
 ]
 
 logger = logging.getLogger(__name__)
@@ -128,12 +129,12 @@ def parse_meta(
     checks = checks or _DEFAULT_CHECKS
     try:
         if transfer_syntax_uid is None:
-            file_meta, start = _read_file_meta(data)
+            file_meta, start = read_file_meta(data)
             ts = str(file_meta.get("TransferSyntaxUID", "") or "")
             if not ts:
                 raise IngestError(Status.CANNOT_UNDERSTAND, "not a DICOM file: no Transfer Syntax UID in the File Meta")
             check_uid(ts, "TransferSyntaxUID")
-            body: bytes | memoryview = memoryview(data)[start:]
+            body: bytes | bytearray | memoryview = memoryview(data)[start:]
         else:
             file_meta, ts, body = FileMetaDataset(), transfer_syntax_uid, data
         uid = UID(ts)
@@ -188,8 +189,15 @@ _DEFAULT_CHECKS = IngestSettings()
 _PIXEL_TAGS = frozenset((0x7FE00008, 0x7FE00009, 0x7FE00010))
 
 
-def _read_file_meta(data: bytes) -> tuple[FileMetaDataset, int]:
-    """The File Meta group of a Part 10 file and where the data set starts."""
+def read_file_meta(data: bytes) -> tuple[FileMetaDataset, int]:
+    """The File Meta group of a Part 10 file and where the data set starts.
+
+    Raises
+    ------
+    IngestError
+        ``CANNOT_UNDERSTAND`` without the preamble and ``DICM`` prefix; a
+        malformed group raises pydicom's own errors.
+    """
     if len(data) < 132 or data[128:132] != b"DICM":
         raise IngestError(Status.CANNOT_UNDERSTAND, "not a DICOM file: no preamble and DICM prefix")
     fp = BytesIO(data)
@@ -198,11 +206,11 @@ def _read_file_meta(data: bytes) -> tuple[FileMetaDataset, int]:
     return FileMetaDataset(group), fp.tell()
 
 
-def _inflate(data: bytes | memoryview, limit: int) -> bytes:
+def _inflate(data: bytes | bytearray | memoryview, limit: int) -> bytearray:
     """Inflate a deflated data set (PS3.5 §A.5) in bounded steps."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     out = bytearray()
-    pending: bytes | memoryview = data
+    pending: bytes | bytearray | memoryview = data
     while pending and not inflater.eof:
         out += inflater.decompress(pending, _INFLATE_STEP)
         if len(out) > limit:
@@ -213,13 +221,13 @@ def _inflate(data: bytes | memoryview, limit: int) -> bytes:
         pending = inflater.unconsumed_tail
     if not inflater.eof:
         raise IngestError(Status.CANNOT_UNDERSTAND, "cannot decode the data set: the deflate stream is truncated")
-    return bytes(out)
+    return out  # not copied into bytes: up to max_inflated_bytes
 
 
 _INFLATE_STEP = 4 * 1024 * 1024
 
 
-def _read_header(body: bytes | memoryview, uid: UID) -> tuple[Dataset, int]:
+def _read_header(body: bytes | bytearray | memoryview, uid: UID) -> tuple[Dataset, int]:
     """The data set up to its pixel data, and the offset where pixel data starts."""
     fp = BytesIO(body)
     ds = read_dataset(

@@ -44,10 +44,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydicom import dcmread
+from pydicom.uid import UID
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from pacs_node.api.auth import WriteAuth
+from pacs_node.ingest.header import read_file_meta
 from pacs_node.ingest.multipart import MultipartError, Part, iter_parts, parse_boundary, parse_content_type
 from pacs_node.ingest.recorder import IngestError, Ingestor, InstanceMeta, Status
 from pacs_node.ingest.uids import is_valid_uid
@@ -184,14 +186,22 @@ async def _limited(stream: AsyncIterator[bytes], limit: int, timeout: float) -> 
 
 def _known_uids(data: bytes) -> tuple[str | None, str | None]:
     """Best effort SOP Class / Instance UIDs of a refused part, for the
-    FailedSOPSequence; only values that are valid UIDs are returned."""
+    FailedSOPSequence; only values that are valid UIDs are returned.
+
+    The data set's own UIDs come first. A deflated data set is not inflated
+    again (it may be a deflate bomb): its File Meta names it."""
     try:
-        ds = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
-    except Exception:  # noqa: BLE001 - undecodable: the UIDs are unknown
+        file_meta, _start = read_file_meta(data)
+    except Exception:  # noqa: BLE001 - no readable File Meta: the UIDs are unknown
         return None, None
-    meta = getattr(ds, "file_meta", None)
-    sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
-    sop_uid = ds.get("SOPInstanceUID") or (meta.get("MediaStorageSOPInstanceUID") if meta else None)
+    sop_class, sop_uid = file_meta.get("MediaStorageSOPClassUID"), file_meta.get("MediaStorageSOPInstanceUID")
+    if not UID(str(file_meta.get("TransferSyntaxUID", "") or "")).is_deflated:
+        try:
+            ds = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+            sop_class = ds.get("SOPClassUID") or sop_class
+            sop_uid = ds.get("SOPInstanceUID") or sop_uid
+        except Exception:  # noqa: BLE001 - an undecodable data set: keep what the File Meta says
+            pass
     return (
         str(sop_class) if is_valid_uid(str(sop_class or "")) else None,
         str(sop_uid) if is_valid_uid(str(sop_uid or "")) else None,

@@ -97,7 +97,7 @@ def _number(ds: Dataset, keyword: str, default: int | None = None) -> int | None
 
 def check_pixel_data(
     ds: Dataset,
-    body: bytes | memoryview,
+    body: bytes | bytearray | memoryview,
     offset: int,
     *,
     transfer_syntax_uid: str,
