@@ -13,7 +13,6 @@ Broker:
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Protocol
 
 import kombu.transport.sqlalchemy as _sqla
@@ -148,9 +147,3 @@ class CeleryDispatcher:
 
     def close(self) -> None:
         self.app.close()
-
-
-def data_path(settings: Settings, *parts: str) -> Path:
-    p = settings.data_dir.joinpath(*parts)
-    p.mkdir(parents=True, exist_ok=True)
-    return p

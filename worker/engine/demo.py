@@ -23,7 +23,7 @@ from .train import TrainConfig
 from .volume import Volume
 
 __all__ = ["DemoConfig", "SEEDS", "demo_config", "synthetic_normals", "synthetic_cases", "synthetic_test_set",
-           "train_demo_model", "tiny_checkpoint", "train_synthetic"]
+           "tiny_checkpoint", "train_synthetic"]
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,6 @@ def train_synthetic(out: Path, cfg: DemoConfig, *, device: str = "auto", progres
     save_predictor(pred, out)
     log.info("model written to %s in %.0f s", out, time.monotonic() - t0)
     return out
-
-
-def train_demo_model(out: Path, *, fast: bool = False, device: str = "auto", progress: bool = True) -> Path:
-    """Train the synthetic demo model (≤ 10 minutes on 2 CPU cores) and save it to ``out``."""
-    return train_synthetic(out, demo_config(fast), device=device, progress=progress)
 
 
 def tiny_checkpoint(path: Path, seed: int = 0) -> Path:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["UNetConfig", "UNet", "build_model"]
+__all__ = ["UNetConfig", "UNet"]
 
 
 @dataclass
@@ -152,8 +152,3 @@ class UNet(nn.Module):
             x = dec(torch.cat([x, skips.pop()], dim=1))
         out = self.head(x)
         return out + inp if inp is not None else out
-
-
-def build_model(cfg: UNetConfig) -> UNet:
-    """Construct a :class:`UNet` (thin wrapper kept for symmetry with loading)."""
-    return UNet(cfg)

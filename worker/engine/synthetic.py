@@ -24,7 +24,6 @@ __all__ = [
     "Anomaly",
     "SyntheticCase",
     "make_case",
-    "make_cases",
     "make_phantom",
     "inject_anomalies",
 ]
@@ -377,8 +376,3 @@ def make_case(
     origin = (-(shape[2] - 1) / 2 * spacing[2], -(shape[1] - 1) / 2 * spacing[1], -(shape[0] - 1) / 2 * spacing[0])
     vol = Volume(arr, spacing, origin, np.eye(3), "MR", {"series_uid": f"synthetic-{seed}"})
     return SyntheticCase(vol, mask, anomalies, seed)
-
-
-def make_cases(seeds: list[int] | range, anomalous: bool = True, **kw: object) -> list[SyntheticCase]:
-    """Generate several cases (see :func:`make_case`)."""
-    return [make_case(int(s), anomalous, **kw) for s in seeds]  # type: ignore[arg-type]

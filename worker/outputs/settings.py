@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-__all__ = ["OutputSettings", "load_output_settings"]
+__all__ = ["OutputSettings"]
 
 _UID_PREFIX_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
 
@@ -128,8 +128,3 @@ class OutputSettings(BaseModel):
         if any(not 0 <= c <= 255 for c in v):
             raise ValueError("each component must be 0..255")
         return v
-
-
-def load_output_settings(raw: dict[str, Any] | None) -> OutputSettings:
-    """Validate the raw ``[outputs]`` table (``Settings.outputs``)."""
-    return OutputSettings.model_validate(raw or {})

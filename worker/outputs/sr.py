@@ -80,7 +80,6 @@ __all__ = [
     "PRIVATE_SCHEME",
     "STUDY_SCORE",
     "build_sr",
-    "seg_frames_by_slice",
     "standard_meanings",
 ]
 
@@ -136,19 +135,6 @@ def standard_meanings(ds: Dataset) -> Dataset:
             standard_meanings(item)
     return ds
 
-
-def seg_frames_by_slice(seg: Dataset, source: SourceSeries) -> dict[int, list[int]]:
-    """Map source slice ``z`` → SEG frame numbers, from the SEG's per-frame source references."""
-    by_ref = {(s.sop_instance_uid, s.frame_number): z for z, s in enumerate(source.slices)}
-    out: dict[int, list[int]] = {}
-    for number, frame in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
-        for der in frame.get("DerivationImageSequence", []):
-            for src in der.get("SourceImageSequence", []):
-                frame_no = src.get("ReferencedFrameNumber")
-                key = (str(src.ReferencedSOPInstanceUID), int(frame_no) if frame_no is not None else None)
-                if key in by_ref:
-                    out.setdefault(by_ref[key], []).append(number)
-    return out
 
 
 def _algorithm(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
