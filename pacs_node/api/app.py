@@ -2,8 +2,8 @@
 
 Routers (one per resource):
 
-* ``/dicomweb/studies`` -- STOW-RS (:mod:`pacs_node.ingest.stow`) and
-  WADO-RS (:mod:`pacs_node.api.wado`)
+* ``/dicomweb`` -- STOW-RS (:mod:`pacs_node.ingest.stow`), WADO-RS
+  (:mod:`pacs_node.api.wado`) and QIDO-RS (:mod:`pacs_node.api.qido`)
 * ``/api/v1/jobs`` -- :mod:`pacs_node.api.jobs`
 * ``/api/v1/studies`` -- :mod:`pacs_node.api.studies`
 * ``/api/v1/session`` (dashboard login) -- :mod:`pacs_node.api.session`
@@ -70,7 +70,7 @@ def create_app(node: Node, *, dispatcher: Dispatcher | None = None) -> FastAPI:
         description=(
             "PACS-integrated anomaly detection node: DICOMweb ingest, job API, health, metrics and dashboard. "
             "Patient-data endpoints need `Authorization: Bearer <token>` of a `[[http.tokens]]` entry "
-            "with the scope they name (read: WADO-RS and GET /api/v1; write: STOW-RS, retry, analyze; "
+            "with the scope they name (read: WADO-RS, QIDO-RS and GET /api/v1; write: STOW-RS, retry, analyze; "
             "admin implies both), or the dashboard's session cookie."
         ),
         lifespan=lifespan,
@@ -81,11 +81,13 @@ def create_app(node: Node, *, dispatcher: Dispatcher | None = None) -> FastAPI:
     app.state.auth = AuthState.from_settings(node.settings.http)
 
     from pacs_node.api import dashboard, health, jobs, metrics, session, studies
+    from pacs_node.api.qido import router as qido_router
     from pacs_node.api.wado import router as wado_router
     from pacs_node.ingest.stow import router as stow_router
 
     app.include_router(stow_router)
     app.include_router(wado_router)
+    app.include_router(qido_router)
     app.include_router(jobs.router)
     app.include_router(studies.router)
     app.include_router(session.router)

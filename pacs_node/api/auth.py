@@ -5,7 +5,7 @@ Tokens are configured as ``[[http.tokens]]`` tables holding only the SHA-256
 of the token (``pacs-node token create`` makes one). Every route that serves
 or accepts patient data declares the scope it needs:
 
-* ``read``: WADO-RS, ``GET /api/v1/*``, key images (and ``/metrics`` by
+* ``read``: WADO-RS, QIDO-RS, ``GET /api/v1/*``, key images (and ``/metrics`` by
   default, ``http.metrics_access``);
 * ``write``: STOW-RS, ``POST /api/v1/jobs/{id}/retry``,
   ``POST /api/v1/studies/{uid}/analyze``;

@@ -96,7 +96,8 @@ def _path_values(seeded: Seeded) -> dict[str, str]:
             .join(Series, Series.id == Instance.series_id).join(Study, Study.id == Instance.study_id)
             .where(Study.study_instance_uid == seeded.study_uids[seeded.failed])
         ).first()  # type: ignore[misc]
-    return {"job_id": str(seeded.failed), "study_uid": study, "series_uid": series, "sop_uid": sop, "n": "0"}
+    return {"job_id": str(seeded.failed), "study_uid": study, "series_uid": series, "sop_uid": sop, "n": "0",
+            "frames": "1", "tag_path:path": "7FE00010"}
 
 
 def _url(path: str, values: dict[str, str]) -> str:
@@ -152,6 +153,17 @@ def test_every_route_needs_a_token_with_its_scope(secured: Any, caplog: pytest.L
         ("GET", "/dicomweb/studies/{study_uid}/series/{series_uid}"): "read",
         ("GET", "/dicomweb/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}"): "read",
         ("GET", "/dicomweb/studies/{study_uid}/series/{series_uid}/metadata"): "read",
+        ("GET", "/dicomweb/studies/{study_uid}"): "read",
+        ("GET", "/dicomweb/studies/{study_uid}/metadata"): "read",
+        ("GET", "/dicomweb/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/metadata"): "read",
+        ("GET", "/dicomweb/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/frames/{frames}"): "read",
+        ("GET", "/dicomweb/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/bulk/{tag_path:path}"): "read",
+        ("GET", "/dicomweb/studies"): "read",
+        ("GET", "/dicomweb/studies/{study_uid}/series"): "read",
+        ("GET", "/dicomweb/series"): "read",
+        ("GET", "/dicomweb/studies/{study_uid}/series/{series_uid}/instances"): "read",
+        ("GET", "/dicomweb/studies/{study_uid}/instances"): "read",
+        ("GET", "/dicomweb/instances"): "read",
         ("GET", "/api/v1/jobs"): "read",
         ("GET", "/api/v1/jobs/{job_id}"): "read",
         ("POST", "/api/v1/jobs/{job_id}/retry"): "write",
