@@ -238,9 +238,19 @@ class HttpSettings(BaseModel):
     #: Addresses of reverse proxies whose X-Forwarded-For / -Proto headers are
     #: trusted (client address in logs, https for the Secure cookie flag).
     forwarded_allow_ips: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    #: Link "open in viewer" of the dashboard: an http(s) URL template where
+    #: ``{study_uid}`` is replaced by the URL-encoded Study Instance UID, e.g.
+    #: "https://ohif.example.org/viewer?StudyInstanceUIDs={study_uid}".
+    #: None: no link.
+    viewer_url: str | None = None
 
     @model_validator(mode="after")
     def _check_http(self) -> "HttpSettings":
+        if self.viewer_url is not None:
+            if not self.viewer_url.lower().startswith(("http://", "https://")):
+                raise ValueError("viewer_url must be an http:// or https:// URL")
+            if "{study_uid}" not in self.viewer_url:
+                raise ValueError("viewer_url must contain {study_uid}")
         if self.allow_unauthenticated and self.tokens:
             raise ValueError("allow_unauthenticated cannot be combined with tokens (tokens would not be checked)")
         names = [t.name for t in self.tokens]

@@ -29,7 +29,7 @@ from worker.fetch import FetchError, SeriesFiles, fetch_series_remote, fetch_ser
 from worker.gc_pause import paused_gc
 from worker.settings import WorkerSettings
 
-__all__ = ["PermanentJobError", "TransientJobError", "WorkerContext", "deliver", "process"]
+__all__ = ["STAGES", "PermanentJobError", "TransientJobError", "WorkerContext", "deliver", "process"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +106,58 @@ class _Heartbeat:
         self._thread.join(timeout=5)
 
 
-def _fail(ctx: WorkerContext, job_id: int, message: str) -> None:
+#: The worker's stages, in order (``jobs.stage``; a queued job is in ``queue_wait``).
+STAGES = ("queue_wait", "load", "inference", "postprocess", "build", "delivery")
+
+
+def _enter_stage(ctx: WorkerContext, job_id: int, stage: str, timings: dict[str, float], *,
+                 reset: bool = False, findings: dict[str, Any] | None = None,
+                 study_score: float | None = None) -> None:
+    """Record that ``stage`` starts now, with the timings (and findings) so far.
+
+    Parameters
+    ----------
+    ctx:
+        Worker context.
+    job_id:
+        Job id.
+    stage:
+        One of :data:`STAGES`.
+    timings:
+        Seconds of the stages finished so far (merged into ``jobs.timings``).
+    reset:
+        Replace ``jobs.timings`` instead of merging (a new run of the job).
+    findings, study_score:
+        Results known so far, kept when a later stage fails.
+    """
     with ctx.db.session() as s:
         job = s.get(Job, job_id)
         if job is None or job.state not in (JobState.RUNNING.value, JobState.DELIVERING.value):
             return
+        rounded = {k: round(v, 4) for k, v in timings.items()}
+        job.timings = rounded if reset else {**(job.timings or {}), **rounded}
+        if reset:  # a new run: the results of a previous one no longer hold
+            job.findings = {}
+            job.study_score = None
+        job.stage = stage
+        job.stage_started_at = utcnow()
+        if findings is not None:
+            job.findings = findings
+        if study_score is not None:
+            job.study_score = study_score
+
+
+def _fail(ctx: WorkerContext, job_id: int, message: str) -> None:
+    """Fail a job; its timings (with the time spent in the failed stage),
+    findings so far and stage are kept for the dashboard."""
+    with ctx.db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.state not in (JobState.RUNNING.value, JobState.DELIVERING.value):
+            return
+        timings = dict(job.timings or {})
+        if job.stage and job.stage not in timings and job.stage_started_at is not None:
+            timings[job.stage] = round(max(0.0, (utcnow() - job.stage_started_at).total_seconds()), 4)
+            job.timings = timings
         job.error = message[:2000]
         job.lease_expires_at = None
         transition(s, job, JobState.FAILED, message[:500], host=ctx.host)
@@ -190,6 +237,7 @@ def _process_claimed(ctx: WorkerContext, job_id: int) -> None:
         study_uid, series_uid, profile = study.study_instance_uid, job.source_series_uid, job.model_profile
         if job.queued_at is not None and job.started_at is not None:
             timings["queue_wait"] = max(0.0, (job.started_at - job.queued_at).total_seconds())
+    _enter_stage(ctx, job_id, "load", timings, reset=True)
     if not series_uid:
         raise PermanentJobError("job has no source series (routing did not choose one)")
 
@@ -207,6 +255,7 @@ def _process_claimed(ctx: WorkerContext, job_id: int) -> None:
         except SeriesError as exc:
             raise PermanentJobError(f"source series cannot be read: {exc}") from None
         timings["load"] = time.perf_counter() - t0
+        _enter_stage(ctx, job_id, "inference", timings)
         if ctx.worker.pre_inference_delay_seconds:
             time.sleep(ctx.worker.pre_inference_delay_seconds)
         try:
@@ -217,10 +266,46 @@ def _process_claimed(ctx: WorkerContext, job_id: int) -> None:
             raise PermanentJobError(f"model cannot be used: {exc}") from None
         timings["inference"] = float(prediction.timings.get("preprocess", 0.0) + prediction.timings.get("inference", 0.0))
         timings["postprocess"] = float(prediction.timings.get("postprocess", 0.0))
+        findings = _findings(prediction, predictor)
+        domain = _domain(prediction)
+        if domain:
+            findings["domain"] = domain
+        # Kept when building the outputs fails.
+        _enter_stage(ctx, job_id, "build", timings, findings=findings, study_score=float(prediction.study_score))
         t1 = time.perf_counter()
         built = _build(ctx, job_id, files.paths, prediction, predictor, refs, headers)
         timings["build"] = time.perf_counter() - t1
-    findings = {
+    validation = built.validation() if hasattr(built, "validation") else {}
+    if validation:
+        # what the gate found in the source and repaired or let through (no values: no patient data)
+        findings["validation"] = validation
+    notes = _validation_note(validation)
+    outside = ""
+    if domain and not domain.get("in_domain", True):
+        warnings = [str(w) for w in domain.get("warnings") or []]
+        # The warnings hold numbers and units only (no patient data).
+        logger.warning("job %d: series outside the model's training domain: %s",
+                       job_id, "; ".join(warnings) or "no detail")
+        outside = ", outside the training domain" + (f": {warnings[0][:200]}" if warnings else "")
+    with ctx.db.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        save_output_rows(s, job_id, built, ctx.outputs_dir)
+        job.findings = findings
+        job.study_score = float(prediction.study_score)
+        job.timings = {**(job.timings or {}), **{k: round(v, 4) for k, v in timings.items()}}
+        job.error = None
+        job.enqueued_at = None
+        job.lease_expires_at = None  # the delivery step takes its own lease
+        job.stage, job.stage_started_at = "delivery", utcnow()
+        transition(s, job, JobState.DELIVERING,
+                   f"{len(prediction.findings)} finding(s), {len(built)} output(s) built{notes}{outside}",
+                   host=ctx.host)
+
+
+def _findings(prediction: Any, predictor: Any) -> dict[str, Any]:
+    """The prediction's findings as JSON for ``jobs.findings``."""
+    return {
         "count": len(prediction.findings),
         "threshold": float(prediction.threshold),
         "model": {"name": predictor.model_name, "version": predictor.model_version, "checksum": predictor.checksum},
@@ -237,34 +322,6 @@ def _process_claimed(ctx: WorkerContext, job_id: int) -> None:
             for f in prediction.findings
         ],
     }
-    validation = built.validation() if hasattr(built, "validation") else {}
-    if validation:
-        # what the gate found in the source and repaired or let through (no values: no patient data)
-        findings["validation"] = validation
-    notes = _validation_note(validation)
-    domain = _domain(prediction)
-    outside = ""
-    if domain:
-        findings["domain"] = domain
-        if not domain.get("in_domain", True):
-            warnings = [str(w) for w in domain.get("warnings") or []]
-            # The warnings hold numbers and units only (no patient data).
-            logger.warning("job %d: series outside the model's training domain: %s",
-                           job_id, "; ".join(warnings) or "no detail")
-            outside = ", outside the training domain" + (f": {warnings[0][:200]}" if warnings else "")
-    with ctx.db.session() as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        save_output_rows(s, job_id, built, ctx.outputs_dir)
-        job.findings = findings
-        job.study_score = float(prediction.study_score)
-        job.timings = {**(job.timings or {}), **{k: round(v, 4) for k, v in timings.items()}}
-        job.error = None
-        job.enqueued_at = None
-        job.lease_expires_at = None  # the delivery step takes its own lease
-        transition(s, job, JobState.DELIVERING,
-                   f"{len(prediction.findings)} finding(s), {len(built)} output(s) built{notes}{outside}",
-                   host=ctx.host)
 
 
 def _validation_note(validation: dict[str, Any]) -> str:
@@ -367,6 +424,7 @@ def deliver(ctx: WorkerContext, job_id: int, *, sleep: Any = time.sleep) -> str:
     if not lease.claim(ctx.db, job_id, from_state=JobState.DELIVERING, to_state=JobState.DELIVERING,
                        host=ctx.host, lease_seconds=q.lease_seconds, message=f"delivery started on {ctx.host}"):
         return "not-claimed"
+    _enter_stage(ctx, job_id, "delivery", {})
     with _Heartbeat(ctx, job_id, JobState.DELIVERING):
         report = deliver_job(ctx.db, job_id, settings=ctx.settings, outputs_dir=ctx.outputs_dir, sleep=sleep)
     lease.release(ctx.db, job_id)

@@ -44,7 +44,8 @@ _PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
-_MAX_KEY_IMAGES = 4
+#: One key image per finding, at most this many (the largest findings).
+_MAX_KEY_IMAGES = 8
 
 
 class KeyImageOut(BaseModel):
@@ -56,6 +57,8 @@ class KeyImageOut(BaseModel):
     slice_index: int
     area_px: int
     outlined: bool
+    #: The finding shown (1 = the largest); None for the middle slice.
+    finding: int | None = None
 
 
 class KeyImagesOut(BaseModel):
@@ -66,6 +69,8 @@ class KeyImagesOut(BaseModel):
     has_seg: bool
     has_findings: bool
     slices: int
+    #: Findings in the SEG (key images are capped at the largest ones).
+    findings: int = 0
     message: str
     images: list[KeyImageOut]
 
@@ -117,7 +122,10 @@ def job_page(job_id: int) -> HTMLResponse:
 
 def _message(plan: KeyImagePlan) -> str:
     if plan.has_findings:
-        return f"{len(plan.images)} key image(s), largest anomaly area first"
+        shown = len(plan.images)
+        if plan.findings > shown:
+            return f"{shown} key image(s) for the {shown} largest of {plan.findings} findings, largest first"
+        return f"{shown} key image(s), one per finding, largest anomaly first"
     if not plan.images:
         return "no findings; source images not available on this node"
     if plan.state != "done" and not plan.has_seg:
@@ -138,7 +146,7 @@ def _plan_or_404(node: NodeDep, job_id: int) -> KeyImagePlan:
     dependencies=[ReadAuth],
     responses={401: {"description": "not logged in / no bearer token"}, 403: {"description": "no read scope"},
                404: {"description": "no such job"}},
-    summary="Key images of a job (slices with the largest anomaly area)",
+    summary="Key images of a job (one per finding, at its largest area)",
 )
 def key_images(job_id: int, node: NodeDep, request: Request) -> KeyImagesOut:
     """List the key images of a job.
@@ -166,6 +174,7 @@ def key_images(job_id: int, node: NodeDep, request: Request) -> KeyImagesOut:
             slice_index=k.slice_index,
             area_px=k.area_px,
             outlined=k.area_px > 0,
+            finding=k.finding,
         )
         for k in plan.images
     ]
@@ -175,6 +184,7 @@ def key_images(job_id: int, node: NodeDep, request: Request) -> KeyImagesOut:
         has_seg=plan.has_seg,
         has_findings=plan.has_findings,
         slices=plan.slices,
+        findings=plan.findings,
         message=_message(plan),
         images=images,
     )
@@ -186,7 +196,8 @@ def key_images(job_id: int, node: NodeDep, request: Request) -> KeyImagesOut:
     dependencies=[ReadAuth],
     response_class=Response,
     responses={200: {"content": {"image/png": {}}}, 401: {"description": "not logged in / no bearer token"},
-               403: {"description": "no read scope"}, 404: {"description": "no such job or image"}},
+               403: {"description": "no read scope"}, 404: {"description": "no such job or image"},
+               500: {"description": "the source slice cannot be rendered (unreadable or without pixel data)"}},
     summary="Key image n of a job as PNG, anomaly outlined in red",
 )
 def key_image_png(
@@ -195,7 +206,7 @@ def key_image_png(
     node: NodeDep,
     download: Annotated[bool, Query(description="ask the browser to save the file")] = False,
 ) -> Response:
-    """Render key image ``n`` (0 = largest anomaly area) of a job.
+    """Render key image ``n`` (0 = the largest finding) of a job.
 
     Parameters
     ----------
@@ -216,10 +227,16 @@ def key_image_png(
     Raises
     ------
     HTTPException
-        404 when the job or the image does not exist.
+        404 when the job or the image does not exist, 500 when the slice
+        cannot be rendered (the detail names the image, not the patient).
     """
     plan = _plan_or_404(node, job_id)
-    png = render_key_image(plan, n)
+    try:
+        png = render_key_image(plan, n)
+    except Exception as exc:  # noqa: BLE001 - a broken slice: this image fails, the others still render
+        logger.warning("job %d: key image %d cannot be rendered: %s", job_id, n, exc.__class__.__name__)
+        raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR,
+                            f"key image {n} cannot be rendered ({exc.__class__.__name__})") from None
     if png is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} has no key image {n}")
     # Patient images: kept out of shared caches (private) and revalidated.

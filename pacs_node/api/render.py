@@ -8,6 +8,10 @@ red, encoded as PNG.
   ``<data_dir>/outputs``), decoded with highdicom; each SEG frame is mapped to
   its source image through the per-frame DerivationImageSequence (or, when
   absent, through its plane position).
+* One key image per finding: the mask's 26-connected components (as the
+  engine labels its findings), largest first, each shown at the slice where
+  it has its largest area (ties: the slice nearest its centre), up to
+  ``max_images``.
 * Without a SEG (nothing found, or not finished) the key image is the middle
   slice without outline.
 
@@ -69,12 +73,14 @@ class SourceSlice:
 
 @dataclass(frozen=True)
 class KeyImage:
-    """One key image: a source slice and its anomaly area (pixels)."""
+    """One key image: a source slice and the area (pixels) of its finding
+    there (``finding``: 1 = the largest; None for the middle slice)."""
 
     n: int
     sop_instance_uid: str
     slice_index: int
     area_px: int
+    finding: int | None = None
 
 
 @dataclass
@@ -86,6 +92,8 @@ class KeyImagePlan:
     has_seg: bool
     slices: int
     images: list[KeyImage]
+    #: Findings (connected components) in the SEG; more than ``images`` when capped.
+    findings: int = 0
     masks: dict[str, NDArray[np.bool_]] = field(default_factory=dict, repr=False)
     paths: dict[str, Path] = field(default_factory=dict, repr=False)
 
@@ -326,12 +334,57 @@ def _source_series(node: Node, job: Job) -> str | None:
         ).scalars().first()
 
 
+_CONN26 = np.ones((3, 3, 3), bool)
+
+
+def finding_slices(masks: dict[str, NDArray[np.bool_]], index: dict[str, int]) -> list[tuple[int, int, int]]:
+    """Where to show each finding of a mask.
+
+    Parameters
+    ----------
+    masks:
+        SOP Instance UID -> mask of that slice (:func:`seg_masks`).
+    index:
+        SOP Instance UID -> position of the slice in the sorted series.
+
+    Returns
+    -------
+    list of (int, int, int)
+        ``(slice_index, area_px, voxels)`` per 26-connected component,
+        largest component first: the slice where it has its largest area
+        (ties: nearest its centre slice) and that area.
+    """
+    placed = [(index[uid], m) for uid, m in masks.items() if uid in index and m.any()]
+    if not placed:
+        return []
+    shape = placed[0][1].shape
+    z0 = min(z for z, _ in placed)
+    depth = max(z for z, _ in placed) - z0 + 1
+    volume = np.zeros((depth, *shape), bool)
+    for z, m in placed:
+        volume[z - z0] |= _fit(m, (shape[0], shape[1]))
+    labels, n = ndimage.label(volume, structure=_CONN26)
+    zs = np.nonzero(labels)[0]
+    ids = labels[labels > 0]
+    # per (component, slice) areas, in one pass
+    areas = np.bincount((ids - 1) * depth + zs, minlength=n * depth).reshape(n, depth)
+    out = []
+    for comp in range(n):
+        row = areas[comp]
+        present = np.nonzero(row)[0]
+        centre = (present[0] + present[-1]) / 2.0
+        best = max(present, key=lambda z: (int(row[z]), -abs(float(z) - centre)))
+        out.append((int(best) + z0, int(row[best]), int(row.sum())))
+    order = sorted(range(n), key=lambda c: (-out[c][2], out[c][0]))
+    return [out[c] for c in order]
+
+
 _cache: OrderedDict[tuple[Any, ...], KeyImagePlan] = OrderedDict()
 _cache_lock = threading.Lock()
 _CACHE_SIZE = 16
 
 
-def plan_key_images(node: Node, job_id: int, *, max_images: int = 4) -> KeyImagePlan | None:
+def plan_key_images(node: Node, job_id: int, *, max_images: int = 8) -> KeyImagePlan | None:
     """Choose a job's key images.
 
     Parameters
@@ -341,7 +394,7 @@ def plan_key_images(node: Node, job_id: int, *, max_images: int = 4) -> KeyImage
     job_id:
         Job id.
     max_images:
-        At most this many slices, largest anomaly area first.
+        At most this many key images: one per finding, largest first.
 
     Returns
     -------
@@ -377,12 +430,10 @@ def plan_key_images(node: Node, job_id: int, *, max_images: int = 4) -> KeyImage
             masks = seg_masks(seg_path, slices)
         except Exception as exc:  # noqa: BLE001 - an unreadable SEG: show the slices without outline
             logger.warning("job %d: SEG %s unreadable: %s", job_id, seg_path.name, exc)
-    areas = sorted(
-        ((int(m.sum()), uid) for uid, m in masks.items() if uid in index and m.any()),
-        key=lambda x: (-x[0], index[x[1]]),
-    )[:max_images]
-    if areas:
-        images = [KeyImage(n, uid, index[uid], area) for n, (area, uid) in enumerate(areas)]
+    found = finding_slices(masks, index)
+    if found:
+        images = [KeyImage(n, slices[z].sop_instance_uid, z, area, n + 1)
+                  for n, (z, area, _) in enumerate(found[:max_images])]
     elif slices:
         mid = len(slices) // 2
         images = [KeyImage(0, slices[mid].sop_instance_uid, mid, 0)]
@@ -394,6 +445,7 @@ def plan_key_images(node: Node, job_id: int, *, max_images: int = 4) -> KeyImage
         has_seg=seg_path is not None,
         slices=len(slices),
         images=images,
+        findings=len(found),
         masks={k.sop_instance_uid: masks[k.sop_instance_uid] for k in images if k.area_px > 0},
         paths={k.sop_instance_uid: slices[k.slice_index].path for k in images},
     )

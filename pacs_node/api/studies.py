@@ -16,17 +16,25 @@ from typing import Annotated
 
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict
 
 from pacs_node.api.auth import ReadAuth, WriteAuth, principal_name
 from pacs_node.api.deps import DbSession, DispatcherDep, NodeDep, get_rules
-from pacs_node.api.jobs import JobAccepted
+from pacs_node.api.jobs import (
+    TOTAL_HEADER,
+    AccessionQuery,
+    DateQuery,
+    JobAccepted,
+    PatientQuery,
+    study_filter,
+    viewer_link,
+)
 from pacs_node.db.models import Job
 from pacs_node.ingest.uids import InvalidUIDError, check_uid
 from pacs_node.jobs.actions import StudyNotFoundError, analyze_study
 from pacs_node.jobs.routing import RoutingRule
-from pacs_node.jobs.queries import list_studies
+from pacs_node.jobs.queries import count_studies, list_studies
 from pacs_node.jobs.schemas import StudySummary
 from pacs_node.pull.base import PullError
 
@@ -81,19 +89,35 @@ def pull_service_of(state: Any) -> Any:
 
 @router.get("", response_model=list[StudySummary], dependencies=[ReadAuth],
             responses={401: {"description": "missing or wrong bearer token"},
-                       403: {"description": "the token lacks the read scope"}},
-            summary="List studies, newest first")
+                       403: {"description": "the token lacks the read scope"},
+                       422: {"description": "a malformed parameter (e.g. a date that is not YYYYMMDD)"}},
+            summary="List studies, newest first; search by patient, accession, study UID, date")
 def studies_list(
     db: DbSession,
+    node: NodeDep,
+    response: Response,
+    patient: PatientQuery = None,
+    accession: AccessionQuery = None,
+    study_uid: Annotated[str | None, Query(max_length=64,
+                                           description="Study Instance UID; `*` and `?` wildcards")] = None,
+    date: DateQuery = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[StudySummary]:
-    """Stored studies with their series.
+    """Stored studies with their series and newest job, optionally narrowed
+    by patient, accession number, Study Instance UID and date
+    (:mod:`pacs_node.jobs.search`); ``X-Total-Count`` says how many match.
 
     Parameters
     ----------
     db:
         Database session.
+    node:
+        The node (viewer link template).
+    response:
+        The response (gets ``X-Total-Count``).
+    patient, accession, study_uid, date:
+        Search criteria (combined with AND).
     limit, offset:
         Paging.
 
@@ -102,7 +126,12 @@ def studies_list(
     list of StudySummary
         The studies, newest first.
     """
-    return list_studies(db, limit=limit, offset=offset)
+    filters = study_filter(patient, accession, study_uid, date)
+    studies = list_studies(db, limit=limit, offset=offset, filters=filters)
+    response.headers[TOTAL_HEADER] = str(count_studies(db, filters=filters))
+    for st in studies:
+        st.viewer_url = viewer_link(node.settings.http.viewer_url, st.study_instance_uid)
+    return studies
 
 
 def _source_names(node: NodeDep) -> set[str]:

@@ -199,6 +199,11 @@ class Job(Base):
     enqueued_at: Mapped[dt.datetime | None] = mapped_column()
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column()
     source_series_uid: Mapped[str | None] = mapped_column(UID)
+    # The worker's current stage (load, inference, postprocess, build,
+    # delivery), written when it starts; a failed job keeps the stage it
+    # failed in. A queued job is in queue_wait (not written).
+    stage: Mapped[str | None] = mapped_column(String(24))
+    stage_started_at: Mapped[dt.datetime | None] = mapped_column()
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     events: Mapped[list[JobEvent]] = relationship(

@@ -53,6 +53,19 @@ class JobSummary(BaseModel):
     findings_count: int | None = None
     accession_number: str | None = None
     source_series_uid: str | None = None
+    #: The study's patient and description (PHI: the endpoints need a read token).
+    patient_name: str | None = None
+    patient_id: str | None = None
+    #: DICOM DA, ``YYYYMMDD``.
+    study_date: str | None = None
+    study_description: str | None = None
+    #: Where the job is: ``queue_wait`` (queued), ``load``, ``inference``,
+    #: ``postprocess``, ``build``, ``delivery``; for a finished job the last
+    #: stage it entered (a failed job: the stage it failed in).
+    stage: str | None = None
+    stage_started_at: dt.datetime | None = None
+    #: The study in the configured viewer (``http.viewer_url``), or None.
+    viewer_url: str | None = None
 
 
 class OutputOut(BaseModel):
@@ -165,3 +178,13 @@ class StudySummary(BaseModel):
     #: or an operator (``interrupted_at``: the cut arrival's last instance).
     interrupted_at: dt.datetime | None = None
     interrupted_reason: str | None = None
+    #: PHI, like the rest of the study (the endpoints need a read token).
+    patient_name: str | None = None
+    patient_id: str | None = None
+    study_description: str | None = None
+    modalities: list[str] = Field(default_factory=list)
+    #: The study's newest job (id and state), None before the first one.
+    latest_job_id: int | None = None
+    latest_job_state: str | None = None
+    #: The study in the configured viewer (``http.viewer_url``), or None.
+    viewer_url: str | None = None

@@ -82,7 +82,41 @@ const PacsNode = (() => {
   function explain(err) {
     if (err instanceof HttpError && err.status === 401) return "Not logged in: opening the login page…";
     if (err instanceof HttpError && err.status === 403) return "This token may not do that (" + err.detail + ").";
+    if (err instanceof HttpError) return "The node API answered " + err.message;
     return "Cannot reach the node API: " + err.message;
+  }
+
+  /* DICOM PN "Family^Given^Middle^Prefix^Suffix" (alphabetic group) as "Family, Given Middle". */
+  function fmtName(pn) {
+    if (!pn) return "";
+    const [family, given, middle, prefix, suffix] = String(pn).split("=")[0].split("^").map((p) => p.trim());
+    const rest = [prefix, given, middle, suffix].filter(Boolean).join(" ");
+    return family && rest ? `${family}, ${rest}` : family || rest || "";
+  }
+
+  /* DICOM DA "YYYYMMDD" as "YYYY-MM-DD" (other values as they are). */
+  function fmtDate(da) {
+    if (!da) return "";
+    return /^\d{8}$/.test(da) ? `${da.slice(0, 4)}-${da.slice(4, 6)}-${da.slice(6, 8)}` : String(da);
+  }
+
+  /* The worker's stages in order (jobs.stage; queue_wait while queued). */
+  const STAGES = ["queue_wait", "load", "inference", "postprocess", "build", "delivery"];
+  const WORKING = ["queued", "running", "delivering"];
+
+  function stageName(stage) {
+    return stage ? stage.replace("_", " ") : "";
+  }
+
+  /* "inference (3/6) · 12 s" for a queued, running or delivering job; "" otherwise. */
+  function stageText(job, now = Date.now()) {
+    if (!WORKING.includes(job.state) || !job.stage) return "";
+    const i = STAGES.indexOf(job.stage);
+    let text = stageName(job.stage) + (i >= 0 ? ` (${i + 1}/${STAGES.length})` : "");
+    const since = job.stage === "queue_wait" ? job.queued_at || job.updated_at : job.stage_started_at;
+    const t = since ? Date.parse(since) : NaN;
+    if (Number.isFinite(t)) text += " · " + fmtSeconds(Math.max(0, (now - t) / 1000));
+    return text;
   }
 
   /* Element builder: el("td", {class: "x", title: "y"}, "text", child...). Text is
@@ -157,5 +191,8 @@ const PacsNode = (() => {
     }
   }
 
-  return { ready, can, request, getJson, notice, explain, el, shortUid, fmtTime, fmtSeconds, fmtBytes, stateBadge, poll, updateHealth, HttpError };
+  return {
+    ready, can, request, getJson, notice, explain, el, shortUid, fmtTime, fmtSeconds, fmtBytes, fmtName, fmtDate,
+    stateBadge, poll, updateHealth, HttpError, STAGES, WORKING, stageName, stageText,
+  };
 })();

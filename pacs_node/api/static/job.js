@@ -2,7 +2,10 @@
 "use strict";
 
 (() => {
-  const { ready, can, el, getJson, request, notice, explain, shortUid, fmtTime, fmtSeconds, fmtBytes, stateBadge, poll } = PacsNode;
+  const {
+    ready, can, el, getJson, request, notice, explain, shortUid, fmtTime, fmtSeconds, fmtBytes, fmtName, fmtDate,
+    stateBadge, poll, STAGES, WORKING, stageName, stageText,
+  } = PacsNode;
   const match = window.location.pathname.match(/\/jobs\/(\d+)/);
   const jobId = match ? Number(match[1]) : NaN;
   const TERMINAL = ["done", "failed", "delivery_failed", "skipped", "cancelled"];
@@ -16,8 +19,12 @@
 
   function summary(job) {
     const items = [
-      ["Study UID", job.study_instance_uid, "uid"],
+      ["Patient", fmtName(job.patient_name)],
+      ["Patient ID", job.patient_id],
+      ["Study date", fmtDate(job.study_date)],
+      ["Description", job.study_description],
       ["Accession", job.accession_number],
+      ["Study UID", job.study_instance_uid, "uid"],
       ["Study version", job.study_version],
       ["Modalities", (job.modalities || []).join(", ")],
       ["Series analysed", job.source_series_uid, "uid"],
@@ -31,6 +38,7 @@
       ["Started", fmtTime(job.started_at)],
       ["Finished", fmtTime(job.finished_at)],
       ["Study score", typeof job.study_score === "number" ? job.study_score.toFixed(4) : ""],
+      ["Failed in stage", job.state === "failed" || job.state === "delivery_failed" ? stageName(job.stage) : ""],
       ["Error", job.error, "error"],
     ];
     const dl = document.getElementById("summary");
@@ -39,6 +47,26 @@
       if (v === null || v === undefined || v === "") continue;
       dl.append(el("dt", {}, k), el("dd", { class: cls || null }, String(v)));
     }
+  }
+
+  /* The stage of a queued, running or delivering job, and how far along the stages it is. */
+  function stage(job) {
+    const box = document.getElementById("stage-box");
+    const text = stageText(job);
+    box.hidden = !text;
+    box.dataset.stage = text ? job.stage : "";
+    document.getElementById("stage-text").textContent = text ? "Stage: " + text : "";
+    const bar = document.getElementById("stage-progress");
+    bar.max = STAGES.length;
+    bar.value = Math.max(0, STAGES.indexOf(job.stage));
+  }
+
+  /* "Open in viewer": the node builds the URL from http.viewer_url (UID URL-encoded). */
+  function viewer(job) {
+    const link = document.getElementById("viewer-link");
+    const url = typeof job.viewer_url === "string" && /^https?:\/\//i.test(job.viewer_url) ? job.viewer_url : "";
+    link.hidden = !url;
+    if (url) link.href = url; else link.removeAttribute("href");
   }
 
   function timings(job) {
@@ -107,23 +135,52 @@
       el("td", { class: "error" }, d.error || ""))));
   }
 
-  /* The PNGs are loaded by <img> tags: the session cookie authenticates them. */
+  /* An image that failed to load: ask the node why and show it in the image's place. */
+  async function imageFailed(img, figure, url) {
+    let why = "the image did not load";
+    try {
+      await request(url);
+      why = "the image could not be decoded";
+    } catch (err) {
+      why = err instanceof PacsNode.HttpError ? `HTTP ${err.status}: ${err.detail}` : err.message;
+    }
+    figure.classList.add("keyimage-failed");
+    img.replaceWith(el("div", { class: "keyimage keyimage-error", role: "alert" }, "Key image not available: " + why));
+  }
+
+  /* The PNGs are loaded by <img> tags: the session cookie authenticates them.
+     A key image that fails shows its own error in its place; a failed list
+     says so in the section (neither is a node-wide error). */
   async function keyImages(job) {
     const version = `${job.state}/${(job.outputs || []).map((o) => o.sha256).join(",")}`;
     if (version === keyImagesVersion) return;
-    const info = await getJson(`/jobs/${jobId}/keyimages`);
+    const msg = document.getElementById("keyimages-msg");
+    let info;
+    try {
+      info = await getJson(`/jobs/${jobId}/keyimages`);
+    } catch (err) {
+      if (err instanceof PacsNode.HttpError && err.status === 401) throw err;
+      msg.textContent = "Key images not available: " + err.message;
+      msg.classList.add("error");
+      return;
+    }
+    msg.classList.remove("error");
     const box = document.getElementById("keyimages");
     const figures = info.images.map((img) => {
+      const where = `slice ${img.slice_index + 1}/${info.slices}`;
       const caption = img.outlined
-        ? `slice ${img.slice_index + 1}/${info.slices} · anomaly area ${img.area_px} px`
-        : `slice ${img.slice_index + 1}/${info.slices} (middle) · no findings`;
-      return el("figure", { "data-key-image": img.n },
-        // ?v= : a new image URL when the job's outputs change (the browser's image cache).
-        el("img", { src: `${img.url}?v=${encodeURIComponent(version)}`, alt: caption, class: "keyimage" }),
-        el("figcaption", {}, caption));
+        ? `finding ${img.finding ?? img.n + 1} · ${where} · anomaly area ${img.area_px} px`
+        : `${where} (middle) · no findings`;
+      // ?v= : a new image URL when the job's outputs change (the browser's image cache).
+      const url = `${img.url}?v=${encodeURIComponent(version)}`;
+      const tag = el("img", { src: url, alt: caption, class: "keyimage" });
+      const figure = el("figure", { "data-key-image": img.n, "data-finding": img.finding ?? null },
+        tag, el("figcaption", {}, caption));
+      tag.addEventListener("error", () => imageFailed(tag, figure, url), { once: true });
+      return figure;
     });
     box.replaceChildren(...figures);
-    document.getElementById("keyimages-msg").textContent = info.message;
+    msg.textContent = info.message;
     keyImagesVersion = version;
   }
 
@@ -148,7 +205,8 @@
       document.getElementById("title").textContent = `Job #${job.id}`;
       document.getElementById("state").replaceWith(Object.assign(stateBadge(job.state), { id: "state" }));
       retryButton.hidden = !(can("write") && TERMINAL.includes(job.state));
-      summary(job); timings(job); domain(job); findings(job); events(job); outputs(job); deliveries(job);
+      summary(job); stage(job); viewer(job); timings(job); domain(job); findings(job); events(job); outputs(job);
+      deliveries(job);
       await keyImages(job);
     } catch (err) {
       if (err instanceof PacsNode.HttpError && err.status === 404) notice(`Job ${jobId} does not exist.`);
