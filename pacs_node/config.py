@@ -243,6 +243,21 @@ class HttpSettings(BaseModel):
     #: "https://ohif.example.org/viewer?StudyInstanceUIDs={study_uid}".
     #: None: no link.
     viewer_url: str | None = None
+    #: Origins (scheme://host[:port]) of browser apps allowed to call the
+    #: DICOMweb and API endpoints cross-origin (CORS), e.g. an OHIF served
+    #: from another host. Empty: none (same origin only). Tokens still apply:
+    #: CORS only lets the browser send them.
+    cors_allow_origins: list[str] = Field(default_factory=list)
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _check_origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            if origin == "*":
+                raise ValueError("cors_allow_origins: name each origin; '*' would let any web page use a token")
+            if not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"cors_allow_origins: {origin!r} is not scheme://host[:port]")
+        return v
 
     @model_validator(mode="after")
     def _check_http(self) -> "HttpSettings":

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 import pacs_node
@@ -95,4 +96,17 @@ def create_app(node: Node, *, dispatcher: Dispatcher | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(dashboard.router)
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
+    origins = node.settings.http.cors_allow_origins
+    if origins:
+        # A viewer on another origin (OHIF) sends Authorization itself; no
+        # cookies cross origins (the dashboard's session stays same-origin).
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_credentials=False,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Accept", "Content-Type"],
+            expose_headers=["X-Total-Count", "Warning", "Content-Location"],
+            max_age=600,
+        )
     return app

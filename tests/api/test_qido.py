@@ -498,3 +498,35 @@ def test_new_routes_need_a_read_token(tmp_path: Path, sqlite_url: str) -> None:
                 assert docs[path]["get"]["summary"], path
     finally:
         node.close()
+
+
+def test_cors_lets_a_configured_viewer_origin_call_dicomweb_with_its_token(tmp_path: Path, sqlite_url: str) -> None:
+    """OHIF on its own host: the preflight and the answer name the origin;
+    another origin gets no CORS headers; the token is still required."""
+    import pydantic
+
+    from pacs_node.config import HttpSettings
+
+    origin = "https://ohif.example.org"
+    node = Node.from_settings(make_settings(tmp_path, sqlite_url, http__cors_allow_origins=f'["{origin}"]'),
+                              migrate=True)
+    try:
+        with TestClient(create_app(node, dispatcher=FakeDispatcher())) as client:
+            pre = client.options("/dicomweb/studies", headers={
+                "Origin": origin, "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "authorization, accept"})
+            assert pre.status_code == 200
+            assert pre.headers["access-control-allow-origin"] == origin
+            assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+            ok = client.get("/dicomweb/studies", headers={"Origin": origin, **TEST_AUTH})
+            assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == origin
+            assert "access-control-allow-credentials" not in ok.headers
+            assert client.get("/dicomweb/studies", headers={"Origin": origin}).status_code == 401
+            other = client.get("/dicomweb/studies", headers={"Origin": "https://evil.example", **TEST_AUTH})
+            assert "access-control-allow-origin" not in other.headers
+    finally:
+        node.close()
+    with pytest.raises(pydantic.ValidationError, match="name each origin"):
+        HttpSettings(cors_allow_origins=["*"])
+    with pytest.raises(pydantic.ValidationError, match="is not scheme://host"):
+        HttpSettings(cors_allow_origins=["ohif.example.org/viewer"])
