@@ -18,6 +18,13 @@ line break, and only when it is followed by ``--``, white space or a line
 break, so bytes such as ``--boundaryX`` inside the data are left alone. Sloppy
 clients that end lines with a bare LF are tolerated: the line ending of the
 first delimiter line decides how the body parts are delimited.
+
+Why not python-multipart (the parser FastAPI uses for forms): its streaming
+``MultipartParser`` (0.0.34, tried here) refuses a preamble before the first
+delimiter ("Expected boundary character 45") and a bare-LF line end ("Did not
+find CR at end of boundary"). RFC 2046 allows the first, real DICOMweb
+clients send both, and ``tests/test_stow.py`` holds the node to them. The
+node has no form endpoints, so python-multipart is not a dependency.
 """
 
 from __future__ import annotations
